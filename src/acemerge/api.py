@@ -1,0 +1,180 @@
+"""The Python API: merge in-memory state dicts, or checkpoints on disk into a HF folder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acemerge import methods
+from acemerge.config import DTYPES, MergeConfig, build_config
+from acemerge.engine import MergeStep, Observer, merge_stream, resolve_device
+from acemerge.io.model_folder import write_model_folder_extras
+from acemerge.io.readers import Checkpoint, StateDictCheckpoint, open_checkpoint
+from acemerge.io.writers import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+    check_output_folder,
+    staged_output_folder,
+)
+from acemerge.plan import Plan, build_plan
+
+
+@dataclass
+class MergeResult:
+    """What a merge on disk produced."""
+
+    out: Path
+    plan: Plan
+    steps: list[MergeStep]
+    seconds: float
+
+
+def merge_state_dicts(
+    base: dict[str, torch.Tensor],
+    experts: list[dict[str, torch.Tensor]],
+    method: str = "ace",
+    scale: float = 1.0,
+    *,
+    exclude: tuple[str, ...] = (),
+    config: dict | None = None,
+    compute_dtype: str = "float32",
+    device: str = "auto",
+    observer: Observer | None = None,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts; returns the merged state dict (base dtypes).
+
+    2-D ``*.weight`` tensors are treated as (d_out, d_in) linear weights unless a
+    ``config`` (a ``config.json`` dict) tells the architecture; ``exclude`` adds patterns
+    of parameters kept at their base value.
+    """
+    base_ckpt = StateDictCheckpoint(base, "base")
+    expert_ckpts: list[Checkpoint] = [
+        StateDictCheckpoint(sd, f"expert {i}") for i, sd in enumerate(experts)
+    ]
+    base_ckpt.config = config
+    cfg = build_config(
+        merge_method=method, base_model="<memory>",
+        models=[f"<memory {i}>" for i in range(len(experts))] if len(experts) >= 2 else [],
+        parameters=params, scale=scale, compute_dtype=compute_dtype, device=device,
+        exclude=list(exclude),
+    )
+    merged: dict[str, torch.Tensor] = {}
+    _run(cfg, base_ckpt, expert_ckpts, merged.__setitem__, observer=observer)
+    return merged
+
+
+def merge(
+    base: str | os.PathLike,
+    experts: list[str | os.PathLike],
+    out: str | os.PathLike,
+    method: str = "ace",
+    scale: float = 1.0,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> MergeResult:
+    """Merge checkpoints on disk into a Hugging Face model folder at ``out``.
+
+    ``options`` holds the method's parameters and any of the config fields ``dtype``,
+    ``compute_dtype``, ``device``, ``exclude``, ``default_excludes``, ``conv1d_as_stored``.
+    """
+    config_fields = set(MergeConfig.model_fields) - {"merge_method", "base_model", "models"}
+    fields = {k: options.pop(k) for k in list(options) if k in config_fields}
+    cfg = build_config(
+        merge_method=method, base_model=str(base), models=[str(e) for e in experts],
+        parameters=options, scale=scale, **fields,
+    )
+    return merge_from_config(cfg, out, overwrite=overwrite, progress=progress)
+
+
+def open_inputs(cfg: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
+    """Open the base and the experts named by a config (headers only)."""
+    return open_checkpoint(cfg.base_model), [open_checkpoint(p) for p in cfg.expert_paths]
+
+
+def plan_for(cfg: MergeConfig, base: Checkpoint) -> Plan:
+    """The plan for a config's base checkpoint."""
+    specs = base.specs()
+    return build_plan(
+        [(name, shape, dtype) for name, (shape, dtype) in specs.items()],
+        config=base.config, exclude=cfg.exclude, default_excludes=cfg.default_excludes,
+        conv1d_as_stored=cfg.conv1d_as_stored,
+    )
+
+
+def merge_from_config(
+    cfg: MergeConfig,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    observer: Observer | None = None,
+) -> MergeResult:
+    """Run a validated config into ``out`` (written to a staging folder, then moved)."""
+    import time
+
+    out = Path(out)
+    check_output_folder(out, overwrite)
+    start = time.perf_counter()
+    base, experts = open_inputs(cfg)
+    plan = plan_for(cfg, base)
+    out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
+    specs = [
+        TensorSpec(e.name, e.shape, out_dtype if out_dtype and e.dtype.is_floating_point
+                   else e.dtype)
+        for e in plan.entries
+    ]
+    with staged_output_folder(out, overwrite) as staging:
+        writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes)
+        steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
+                     observer=observer)
+        writer.close()
+        write_model_folder_extras(staging, base, cfg, plan)
+    return MergeResult(out=out, plan=plan, steps=steps, seconds=time.perf_counter() - start)
+
+
+def _run(
+    cfg: MergeConfig,
+    base: Checkpoint,
+    experts: list[Checkpoint],
+    emit: Any,
+    *,
+    plan: Plan | None = None,
+    progress: bool = False,
+    observer: Observer | None = None,
+) -> list[MergeStep]:
+    method = methods.get(cfg.merge_method)
+    params = method.validate(cfg.parameters)
+    plan = plan or plan_for(cfg, base)
+    return merge_stream(
+        base, experts, method, params, plan, emit,
+        scale=cfg.scale, compute_dtype=DTYPES[cfg.compute_dtype],
+        device=resolve_device(cfg.device), dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
+        progress=progress, observer=observer,
+    )
+
+
+def format_plan(plan: Plan, method_name: str) -> str:
+    """The plan as a table: parameter, shape, treatment (for ``--dry-run``)."""
+    method = methods.get(method_name)
+    labels = {"matrix": method.name, "other": method.other_rule_name, "keep": "keep base"}
+    width = max((len(e.name) for e in plan.entries), default=10)
+    lines = [f"profile: {plan.profile}; exclude: {', '.join(plan.exclude) or 'none'}"]
+    for e in plan.entries:
+        shape = "x".join(map(str, e.shape)) or "scalar"
+        lines.append(f"{e.name:<{width}}  {shape:>14}  {labels[e.treatment.value]:<9}  {e.reason}")
+    counts = plan.counts()
+    lines.append(
+        f"{len(plan.entries)} parameters ({plan.total_numel:,} values): "
+        f"{counts['matrix']} {method.name}, {counts['other']} {method.other_rule_name}, "
+        f"{counts['keep']} kept"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""The ``acemerge`` command line: ``merge``, ``methods`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any
+
+from acemerge.errors import AceMergeError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: bool, int, float or string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs from repeated ``--set``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AceMergeError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``1024`` -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise AceMergeError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MB)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    parser = argparse.ArgumentParser(prog="acemerge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge fine-tuned experts into their base model")
+    m.add_argument("--config", help="YAML merge config (mergekit-like)")
+    m.add_argument("--base", help="base checkpoint: HF folder, file or hub id")
+    m.add_argument("--expert", action="append", default=[], help="an expert (repeat)")
+    m.add_argument("--method", help="merge method (default: ace)")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method parameter (repeat)")
+    m.add_argument("--scale", type=float, help="scaling coefficient lambda (default 1.0)")
+    m.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="keep matching parameters at the base value (repeat)")
+    m.add_argument("--no-default-excludes", action="store_true",
+                   help="drop the architecture's default exclusions")
+    m.add_argument("--conv1d-as-stored", action="store_true",
+                   help="merge GPT-2 Conv1D weights untransposed, as the ACE authors' code does")
+    m.add_argument("--dtype", help="output dtype (default: the base's)")
+    m.add_argument("--compute-dtype", choices=["float32", "float64"], help="default float32")
+    m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
+    m.add_argument("--out", help="output folder")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    m.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
+    m.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("methods", help="list the merge methods with their parameters")
+
+    d = sub.add_parser("demo", help="merge small generated checkpoints with ACE")
+    d.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """A validated MergeConfig from ``--config`` or from the flags."""
+    from acemerge.config import build_config, load_config
+
+    if args.config:
+        given = [flag for flag, value in (("--base", args.base), ("--expert", args.expert),
+                 ("--method", args.method), ("--set", args.set), ("--scale", args.scale),
+                 ("--exclude", args.exclude), ("--dtype", args.dtype)) if value]
+        if given:
+            raise AceMergeError(f"--config cannot be combined with {given[0]}")
+        cfg = load_config(args.config)
+    else:
+        if not args.base:
+            raise AceMergeError("--base is required (or give --config)")
+        fields: dict[str, Any] = {
+            "merge_method": args.method or "ace", "base_model": args.base,
+            "models": args.expert, "parameters": parse_assignments(args.set),
+            "exclude": args.exclude, "dtype": args.dtype,
+        }
+        if args.scale is not None:
+            fields["scale"] = args.scale
+        cfg = build_config(**fields)
+    updates = {"default_excludes": False} if args.no_default_excludes else {}
+    if args.conv1d_as_stored:
+        updates["conv1d_as_stored"] = True
+    if args.compute_dtype:
+        updates["compute_dtype"] = args.compute_dtype
+    if args.device:
+        updates["device"] = args.device
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from acemerge import methods
+    from acemerge.api import format_plan, merge_from_config, open_inputs, plan_for
+
+    cfg = config_from_args(args)
+    methods.get(cfg.merge_method).validate(cfg.parameters)
+    if args.dry_run:
+        base, _ = open_inputs(cfg)
+        print(format_plan(plan_for(cfg, base), cfg.merge_method))
+        return 0
+    if not args.out:
+        raise AceMergeError("--out is required")
+    result = merge_from_config(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet,
+                               max_shard_bytes=parse_size(args.max_shard_size))
+    if not args.quiet:
+        print(f"merged {len(result.plan.entries)} parameters with {cfg.merge_method} "
+              f"in {result.seconds:.1f} s -> {result.out}")
+    return 0
+
+
+def cmd_methods(_: argparse.Namespace) -> int:
+    from acemerge import methods
+
+    for name in methods.available():
+        method = methods.get(name)
+        print(f"{name}: {method.summary}")
+        print(f"  paper: {method.paper}")
+        print(f"  default scale: {method.default_scale:g}; non-matrix parameters: "
+              f"{method.other_rule_name}")
+        for pname, field in method.params.model_fields.items():
+            note = f"  {field.description}" if field.description else ""
+            print(f"  --set {pname}={field.default!s:<8}{note}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from acemerge.demo import run_demo
+
+    run_demo(seed=args.seed)
+    return 0
+
+
+COMMANDS = {"merge": cmd_merge, "methods": cmd_methods, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input ends with one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AceMergeError as exc:
+        print(f"acemerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("acemerge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("ACEMERGE_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())
+        print(f"acemerge: internal error: {type(exc).__name__}: {text} "
+              "(set ACEMERGE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

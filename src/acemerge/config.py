@@ -1,0 +1,123 @@
+"""The merge configuration: one schema for CLI flags, YAML files and the Python API.
+
+The YAML is close to mergekit's::
+
+    merge_method: ace
+    base_model: gpt2
+    models:
+      - model: ./expert-a
+      - model: ./expert-b
+    parameters: {eps: gpt2}
+    dtype: float32
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from acemerge.errors import AceMergeError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64",
+                  "half": "float16", "float": "float32", "double": "float64"}
+
+
+def dtype_name(value: str | None) -> str | None:
+    """Canonical dtype name, accepting common aliases."""
+    if value is None:
+        return None
+    name = _DTYPE_ALIASES.get(value, value)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r} (use one of {', '.join(DTYPES)})")
+    return name
+
+
+class ModelEntry(BaseModel):
+    """One expert."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+
+
+class MergeConfig(BaseModel):
+    """Everything that defines a merge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str = "ace"
+    base_model: str
+    models: list[ModelEntry] = Field(min_length=2)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    scale: float = 1.0
+    dtype: str | None = None
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    device: str = "auto"
+    exclude: list[str] = Field(default_factory=list)
+    default_excludes: bool = True
+    conv1d_as_stored: bool = False
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        return dtype_name(value)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> Any:
+        if isinstance(value, list):  # accept bare strings as well as {model: ...}
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @property
+    def expert_paths(self) -> list[str]:
+        return [entry.model for entry in self.models]
+
+    def to_yaml(self) -> str:
+        """The config as YAML, in the same schema it is read from."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def build_config(**fields: Any) -> MergeConfig:
+    """Validate a merge config; errors become one line naming the field."""
+    try:
+        return MergeConfig(**fields)
+    except ValidationError as exc:
+        raise AceMergeError(describe_config_error(exc)) from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and validate a YAML merge config."""
+    path = Path(path)
+    if not path.is_file():
+        raise AceMergeError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise AceMergeError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise AceMergeError(f"{path}: expected a mapping with merge_method, base_model, models")
+    try:
+        return MergeConfig(**data)
+    except ValidationError as exc:
+        raise AceMergeError(f"{path}: {describe_config_error(exc)}") from None
+
+
+def describe_config_error(exc: ValidationError) -> str:
+    """First validation error as one line naming the field."""
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"unknown config field '{where}'"
+    if err["type"] == "missing":
+        return f"missing config field '{where}'"
+    if where == "models" and err["type"] == "too_short":
+        return "at least two experts are needed (models)"
+    return f"config field '{where}': {err['msg']}"

@@ -1,0 +1,83 @@
+"""Everything in an output folder besides the weights: config, tokenizer, card, merge YAML."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from acemerge import __version__
+
+if TYPE_CHECKING:
+    from acemerge.config import MergeConfig
+    from acemerge.io.readers import Checkpoint
+    from acemerge.plan import Plan
+
+#: Files copied from the base folder (besides config.json, which is rewritten).
+COPIED_PATTERNS = (
+    "generation_config.json", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "*.model", "*.tiktoken", "preprocessor_config.json",
+    "chat_template*",
+)
+CONFIG_FILE = "acemerge_config.yaml"
+
+
+def write_model_folder_extras(
+    folder: Path, base: Checkpoint, cfg: MergeConfig, plan: Plan
+) -> None:
+    """Write config.json, tokenizer files, README.md and the merge YAML into ``folder``."""
+    if base.config is not None:
+        config = dict(base.config)
+        if cfg.dtype:
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = cfg.dtype
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if base.folder is not None:
+        for pattern in COPIED_PATTERNS:
+            for path in sorted(base.folder.glob(pattern)):
+                if path.is_file():
+                    shutil.copy2(path, folder / path.name)
+    (folder / CONFIG_FILE).write_text(cfg.to_yaml())
+    (folder / "README.md").write_text(model_card(cfg, plan))
+
+
+def model_card(cfg: MergeConfig, plan: Plan) -> str:
+    """A Hugging Face model card naming the method, its parameters and the inputs."""
+    from acemerge import methods
+
+    method = methods.get(cfg.merge_method)
+    params = method.validate(cfg.parameters).model_dump()
+    counts = plan.counts()
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, acemerge, " + cfg.merge_method + "]",
+        f"base_model: {json.dumps(cfg.base_model)}",
+        "---",
+        "",
+        f"# Merged model ({method.name})",
+        "",
+        f"Merged with [acemerge](https://pypi.org/project/acemerge/) {__version__} using "
+        f"**{method.name}**: {method.summary} ({method.paper}).",
+        "",
+        "## Inputs",
+        "",
+        f"- base: `{cfg.base_model}`",
+        *[f"- expert: `{path}`" for path in cfg.expert_paths],
+        "",
+        "## Settings",
+        "",
+        f"- scaling coefficient: {cfg.scale:g}",
+        *[f"- {key}: {value}" for key, value in params.items()],
+        f"- compute dtype: {cfg.compute_dtype}; output dtype: {cfg.dtype or 'as the base'}",
+        f"- excluded (kept at base): {', '.join(f'`{p}`' for p in plan.exclude) or 'nothing'}",
+        f"- parameters: {counts['matrix']} merged as matrices, {counts['other']} by "
+        f"{method.other_rule_name}, {counts['keep']} kept",
+        "",
+        f"The exact configuration is in `{CONFIG_FILE}`; rerun it with "
+        f"`acemerge merge --config {CONFIG_FILE} --out DIR`.",
+        "",
+    ]
+    return "\n".join(lines)

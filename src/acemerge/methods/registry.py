@@ -1,0 +1,122 @@
+"""The method registry: each method merges the task vectors of ONE parameter.
+
+A method is a pure function of the T task vectors of one parameter. It knows nothing
+about files, names or models. Matrices arrive as (d_out, d_in), input on the right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from acemerge.errors import AceMergeError
+
+Tensor = torch.Tensor
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def mean_rule(task_vectors: list[Tensor], params: MethodParams) -> Tensor:
+    """Plain mean of the task vectors (the default for non-matrix parameters)."""
+    return torch.stack(task_vectors).mean(dim=0)
+
+
+def compute_dtype_of(tensor: Tensor) -> torch.dtype:
+    """Methods compute in float32 at least, float64 when given float64."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered merge method, callable as ``f(task_vectors, **params)``."""
+
+    name: str
+    params: type[MethodParams]
+    matrix_rule: Callable[[list[Tensor], Any], Tensor]
+    paper: str
+    summary: str
+    other_rule: Callable[[list[Tensor], Any], Tensor] = mean_rule
+    other_rule_name: str = "mean"
+    default_scale: float = 1.0
+
+    def validate(self, params: dict[str, Any] | None = None) -> MethodParams:
+        """Check ``params`` against the method's parameter model (one-line error)."""
+        try:
+            return self.params(**(params or {}))
+        except ValidationError as exc:
+            raise AceMergeError(describe_validation_error(self.name, exc, self.params)) from None
+
+    def apply(self, task_vectors: list[Tensor], params: MethodParams, *, matrix: bool) -> Tensor:
+        """Merge already-validated task vectors with the matrix or the non-matrix rule."""
+        check_task_vectors(task_vectors)
+        rule = self.matrix_rule if matrix else self.other_rule
+        merged = rule(task_vectors, params)
+        return merged.to(task_vectors[0].dtype)
+
+    def __call__(self, task_vectors: list[Tensor], **params: Any) -> Tensor:
+        """Merge one parameter: 2-D tensors get the matrix rule, others the non-matrix rule."""
+        validated = self.validate(params)
+        return self.apply(task_vectors, validated, matrix=task_vectors[0].dim() == 2)
+
+    def defaults(self) -> dict[str, Any]:
+        """Each parameter's default value."""
+        return {name: field.default for name, field in self.params.model_fields.items()}
+
+
+def check_task_vectors(task_vectors: list[Tensor]) -> None:
+    """At least one task vector, all of one shape and dtype."""
+    if not task_vectors:
+        raise AceMergeError("a method needs at least one task vector")
+    first = task_vectors[0]
+    for tv in task_vectors[1:]:
+        if tv.shape != first.shape or tv.dtype != first.dtype:
+            raise AceMergeError(
+                f"task vectors differ: {tuple(first.shape)} {first.dtype} vs "
+                f"{tuple(tv.shape)} {tv.dtype}"
+            )
+
+
+def describe_validation_error(
+    method: str, exc: ValidationError, model: type[MethodParams]
+) -> str:
+    """Turn pydantic's report into one line naming the parameter."""
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "parameters"
+    if err["type"] == "extra_forbidden":
+        known = ", ".join(model.model_fields) or "none"
+        return f"method '{method}': unknown parameter '{where}' (known: {known})"
+    return f"method '{method}': parameter '{where}': {err['msg']} (got {err.get('input')!r})"
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (names are unique)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    """The registered method called ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise AceMergeError(
+            f"unknown method '{name}' (available: {', '.join(available())})"
+        ) from None
+
+
+def available() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_REGISTRY)
