@@ -128,7 +128,7 @@ class ShardedSafetensorsWriter:
         if len(self.shards) > 1:
             weight_map = {
                 spec.name: filename
-                for filename, shard in zip(self.filenames, self.shards)
+                for filename, shard in zip(self.filenames, self.shards, strict=True)
                 for spec in shard
             }
             total = sum(spec.nbytes for shard in self.shards for spec in shard)
