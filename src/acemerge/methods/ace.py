@@ -128,6 +128,15 @@ def solve_right(numerator: Tensor, system: Tensor, solver: str) -> Tensor:
     return numerator @ torch.linalg.pinv(system)
 
 
+def singular_triplets(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD. On CPU a float32 matrix is decomposed in float64: on this project's
+    2-core machine torch's float32 CPU SVD of a 2048 x 2048 matrix took 18 s, float64 2 s."""
+    if matrix.device.type == "cpu" and matrix.dtype == torch.float32:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.float(), s.float(), vh.float()
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
 def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     """Algorithm 1 for one (d_out, d_in) weight: returns the merged task vector."""
     dtype = compute_dtype_of(task_vectors[0])
@@ -173,7 +182,7 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     rank = int(min(d_out, d_in) * params.k_frac)
     if rank == 0:
         return merged_pre
-    u, s, vh = torch.linalg.svd(merged_pre + residual, full_matrices=False)  # W_fused
+    u, s, vh = singular_triplets(merged_pre + residual)  # W_fused
     sigma_iso = s[:rank].mean()  # Eq. 18
     return merged_pre + sigma_iso * (u[:, :rank] @ vh[:rank])  # Eq. 19
 
