@@ -4,7 +4,21 @@
 merges the task vectors of one parameter; ``available()`` lists the names.
 """
 
-from acemerge.methods import ace, average  # noqa: F401  (registers the methods)
+from acemerge.methods import (  # noqa: F401  (importing a module registers its method)
+    ace,
+    average,
+    cart,
+    consensus,
+    dare,
+    eigcov,
+    fro_m,
+    iso_c,
+    iso_cts,
+    task_arithmetic,
+    ties,
+    tsv,
+    wudi,
+)
 from acemerge.methods.registry import Method, MethodParams, available, get, register
 
 __all__ = ["Method", "MethodParams", "available", "get", "register"]

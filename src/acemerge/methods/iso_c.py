@@ -1,0 +1,72 @@
+"""Iso-C (Marczak et al. 2025, "No task left behind: isotropic model merging with common
+and task-specific subspaces", arXiv 2502.04959).
+
+Isotropic merging in the common subspace. Per 2-D weight (d_out, d_in):
+
+    sum_t D_t = U diag(sigma) V^T,    D = sigma_bar U V^T,    sigma_bar = mean_i sigma_i
+
+i.e. task arithmetic's sum with its singular spectrum made flat. The mean runs over the
+r = min(d_out, d_in) singular values of the thin SVD, as in the authors' public code.
+Non-matrix parameters get the plain mean, also as in the authors' code (the sum there
+is only for matrices). Global scaling coefficient 1.0 (the paper tunes it, ~1.0-1.5).
+
+Rank-deficient sums (e.g. low-rank, LoRA-like task vectors): with ``flatten_over="all"``
+(default, the authors' behaviour) the null directions the SVD picks also get sigma_bar,
+so the result is full rank and partly arbitrary. ``flatten_over="rank"`` keeps only the
+numerical rank (singular values above rtol * sigma_max, rtol = max(d_out, d_in) * machine
+eps, the torch.linalg.matrix_rank cutoff) and averages over those; for a full-rank sum,
+the normal case for fine-tuned weights, both agree exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+
+Tensor = torch.Tensor
+
+
+class IsoCParams(MethodParams):
+    """Iso-C's parameters: only how rank-deficient sums are flattened."""
+
+    flatten_over: Literal["all", "rank"] = Field(
+        default="all",
+        description="all r singular values (authors) or only the numerical rank",
+    )
+
+
+def numerical_rank(s: Tensor, shape: tuple[int, int]) -> int:
+    """How many singular values exceed max(shape) * eps * s_max (0 for a zero matrix)."""
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    cutoff = max(shape) * torch.finfo(s.dtype).eps * s[0]
+    return int((s > cutoff).sum())
+
+
+def iso_c_matrix(task_vectors: list[Tensor], params: IsoCParams) -> Tensor:
+    """Iso-C for one (d_out, d_in) weight: returns the merged task vector."""
+    dtype = compute_dtype_of(task_vectors[0])
+    total = torch.stack([tv.to(dtype) for tv in task_vectors]).sum(dim=0)  # task arithmetic
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    if params.flatten_over == "rank":
+        keep = numerical_rank(s, tuple(total.shape))
+        u, s, vh = u[:, :keep], s[:keep], vh[:keep]
+    if s.numel() == 0:
+        return torch.zeros_like(total)
+    return s.mean() * (u @ vh)  # flat spectrum: every singular value sigma_bar
+
+
+METHOD = register(
+    Method(
+        name="iso_c",
+        params=IsoCParams,
+        matrix_rule=iso_c_matrix,
+        paper="Marczak et al. 2025, No task left behind: isotropic model merging "
+        "(Iso-C, arXiv 2502.04959)",
+        summary="sum of the task vectors with its singular spectrum flattened to its mean",
+    )
+)
