@@ -8,7 +8,7 @@ method's workspace, never whole models.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from acemerge.errors import AceMergeError
 from acemerge.io.readers import Checkpoint
 from acemerge.methods.registry import Method, MethodParams
 from acemerge.plan import Plan, PlanEntry, Treatment
+from acemerge.statistics import ELEMENTWISE_KINDS, StatisticsProvider
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,28 @@ def merge_stream(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     observer: Observer | None = None,
+    stats: StatisticsProvider | None = None,
 ) -> list[MergeStep]:
-    """Merge every parameter of ``plan`` and hand each result to ``emit`` in plan order."""
+    """Merge every parameter of ``plan`` and hand each result to ``emit`` in plan order.
+
+    A method with a whole-model statistic (``prepare``) first streams over the merged
+    parameters' task vectors once or more; nothing is held beyond one parameter.
+    """
     check_compatible(base, experts, plan)
+    if method.needs and stats is None:
+        raise AceMergeError(
+            f"method '{method.name}' is data-dependent: it needs per-task statistics "
+            f"({', '.join(method.needs)}), none were given"
+        )
     device = torch.device(device)
+    if method.prepare is not None:
+        merged_entries = [e for e in plan.entries if e.treatment is not Treatment.KEEP]
+        reader = TaskVectorReader(base, experts, compute_dtype, device)
+
+        def passes() -> Iterator[list[torch.Tensor]]:
+            return (reader.read(entry) for entry in merged_entries)
+
+        params = method.prepare(passes, params)
     steps = []
     with tqdm(total=plan.total_numel, unit="param", unit_scale=True, desc="merging",
               disable=not progress, dynamic_ncols=True) as bar:
@@ -105,36 +124,74 @@ def merge_stream(
             if entry.treatment is Treatment.KEEP:
                 merged = base_tensor
             else:
-                merged = _merge_one(entry, base_tensor, experts, method, params,
-                                    scale, compute_dtype, device, observer, start)
+                reader = TaskVectorReader(base, experts, compute_dtype, device)
+                merged = _merge_one(entry, base_tensor, reader, method, params, scale,
+                                    observer, stats, start)
             emit(entry.name, merged.to(output_dtype(entry, dtype)).cpu())
             steps.append(MergeStep(entry, time.perf_counter() - start))
             bar.update(entry.numel)
     return steps
 
 
+class TaskVectorReader:
+    """Reads one parameter of every expert and returns its oriented task vectors."""
+
+    def __init__(self, base: Checkpoint, experts: list[Checkpoint],
+                 compute_dtype: torch.dtype, device: torch.device) -> None:
+        self.base, self.experts = base, experts
+        self.compute_dtype, self.device = compute_dtype, device
+
+    def to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=self.device, dtype=self.compute_dtype)
+
+    def read(self, entry: PlanEntry, base_c: torch.Tensor | None = None
+             ) -> list[torch.Tensor]:
+        """T task vectors of ``entry``, (d_out, d_in) for matrices; ``base_c`` is the base
+        parameter already in the compute dtype (read when not given)."""
+        if base_c is None:
+            base_c = self.to_compute(self.base.get(entry.name))
+        task_vectors = []
+        for expert in self.experts:
+            weight = expert.get(entry.name)
+            _finite(weight, expert.label, entry.name)
+            task_vectors.append(self.to_compute(weight) - base_c)
+            del weight
+        return [tv.T for tv in task_vectors] if entry.transpose else task_vectors
+
+    def statistics(self, entry: PlanEntry, needs: tuple[str, ...],
+                   stats: StatisticsProvider | None) -> dict[str, list[torch.Tensor]] | None:
+        """Each needed statistic for every task, oriented like the task vectors."""
+        if not needs or stats is None:
+            return None
+        out = {}
+        for kind in needs:
+            tensors = [self.to_compute(stats.get(kind, entry.name, t))
+                       for t in range(len(self.experts))]
+            if entry.transpose and kind in ELEMENTWISE_KINDS:
+                tensors = [t.T for t in tensors]
+            out[kind] = tensors
+        return out
+
+
 def _merge_one(
     entry: PlanEntry,
     base_tensor: torch.Tensor,
-    experts: list[Checkpoint],
+    reader: TaskVectorReader,
     method: Method,
     params: MethodParams,
     scale: float,
-    compute_dtype: torch.dtype,
-    device: torch.device,
     observer: Observer | None,
+    stats: StatisticsProvider | None,
     start: float,
 ) -> torch.Tensor:
-    base_c = base_tensor.to(device=device, dtype=compute_dtype)
-    task_vectors = []
-    for expert in experts:
-        weight = expert.get(entry.name)
-        _finite(weight, expert.label, entry.name)
-        task_vectors.append(weight.to(device=device, dtype=compute_dtype) - base_c)
-        del weight
-    if entry.transpose:
-        task_vectors = [tv.T for tv in task_vectors]
-    merged = method.apply(task_vectors, params, matrix=entry.treatment is Treatment.MATRIX)
+    base_c = reader.to_compute(base_tensor)
+    task_vectors = reader.read(entry, base_c)
+    matrix = entry.treatment is Treatment.MATRIX
+    if method.per_parameter is not None:
+        params = method.per_parameter(params, entry.name)
+    needs = method.matrix_needs if matrix else method.other_needs
+    merged = method.apply(task_vectors, params, matrix=matrix,
+                          stats=reader.statistics(entry, needs, stats))
     if observer is not None:
         observer(entry, task_vectors, merged, time.perf_counter() - start)
     if entry.transpose:

@@ -8,9 +8,10 @@ or TIES (its own trim, elect and disjoint mean; trimmed per parameter here, ``ti
 Applied to every parameter, as in the paper.
 
 Randomness: task t's drop mask comes from a CPU ``torch.Generator`` seeded with a 63-bit
-BLAKE2b digest of (seed, t), so the same seed gives the same merge on any device. The rule
-sees one parameter at a time and not its name, so parameters of the same shape draw the
-same mask pattern for a given (seed, t) unless the caller varies the seed per parameter.
+BLAKE2b digest of (seed, t), so the same seed gives the same merge on any device. In a
+merge of whole checkpoints the engine derives each parameter's seed from (seed, parameter
+name) (``seed_per_parameter``), so masks are independent across tensors, reproducible,
+and independent of the order in which parameters stream.
 
 Default scale 1.0 (the paper tunes lam per combination; the lead may revisit for TA).
 With the defaults p = 0.9 and ties_k = 0.2, TIES's trim keeps all of the ~10% survivors,
@@ -57,6 +58,13 @@ def task_seed(seed: int, task_index: int) -> int:
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
+def seed_per_parameter(params: DareParams, name: str) -> DareParams:
+    """The parameters for tensor ``name``: its own seed, derived from (seed, name)."""
+    digest = hashlib.blake2b(f"acemerge-dare-param:{params.seed}:{name}".encode(),
+                             digest_size=8)
+    return params.model_copy(update={"seed": int.from_bytes(digest.digest(), "little") >> 1})
+
+
 def drop_and_rescale(tv: Tensor, p: float, seed: int, task_index: int) -> Tensor:
     """Drop: m ~ Bernoulli(1 - p) keeps; rescale: tau^ = m * tau / (1 - p), in float32 at least."""
     generator = torch.Generator(device="cpu").manual_seed(task_seed(seed, task_index))
@@ -76,6 +84,7 @@ def dare_rule(task_vectors: list[Tensor], params: DareParams) -> Tensor:
 METHOD = register(
     Method(
         name="dare",
+        per_parameter=seed_per_parameter,
         params=DareParams,
         matrix_rule=dare_rule,
         other_rule=dare_rule,

@@ -6,7 +6,7 @@ about files, names or models. Matrices arrive as (d_out, d_in), input on the rig
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from acemerge.errors import AceMergeError
 
 Tensor = torch.Tensor
+#: A fresh iterator over the merged parameters, each as its list of T task vectors.
+TaskVectorPasses = Callable[[], Iterator[list[Tensor]]]
 
 
 class MethodParams(BaseModel):
@@ -46,6 +48,14 @@ class Method:
     other_rule: Callable[[list[Tensor], Any], Tensor] = mean_rule
     other_rule_name: str = "mean"
     default_scale: float = 1.0
+    #: Whole-model statistic: called once before merging with a way to stream over every
+    #: merged parameter's task vectors; returns the parameters to merge with.
+    prepare: Callable[[TaskVectorPasses, Any], MethodParams] | None = None
+    #: Per-parameter variation of the parameters (e.g. a random seed per tensor name).
+    per_parameter: Callable[[Any, str], MethodParams] | None = None
+    #: Statistics a data-dependent method needs, per task, for matrices / other parameters.
+    matrix_needs: tuple[str, ...] = ()
+    other_needs: tuple[str, ...] = ()
 
     def validate(self, params: dict[str, Any] | None = None) -> MethodParams:
         """Check ``params`` against the method's parameter model (one-line error)."""
@@ -54,17 +64,45 @@ class Method:
         except ValidationError as exc:
             raise AceMergeError(describe_validation_error(self.name, exc, self.params)) from None
 
-    def apply(self, task_vectors: list[Tensor], params: MethodParams, *, matrix: bool) -> Tensor:
-        """Merge already-validated task vectors with the matrix or the non-matrix rule."""
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Every statistic the method may ask for."""
+        return tuple(dict.fromkeys(self.matrix_needs + self.other_needs))
+
+    def apply(
+        self,
+        task_vectors: list[Tensor],
+        params: MethodParams,
+        *,
+        matrix: bool,
+        stats: dict[str, list[Tensor]] | None = None,
+    ) -> Tensor:
+        """Merge already-validated task vectors with the matrix or the non-matrix rule.
+
+        ``stats`` maps a statistic's name to its T per-task tensors (data-dependent methods).
+        """
         check_task_vectors(task_vectors)
         rule = self.matrix_rule if matrix else self.other_rule
-        merged = rule(task_vectors, params)
+        needs = self.matrix_needs if matrix else self.other_needs
+        missing = [kind for kind in needs if not stats or kind not in stats]
+        if missing:
+            raise AceMergeError(
+                f"method '{self.name}' needs per-task statistics '{missing[0]}' from data "
+                "(collect them with acemerge.statistics.collect_statistics)"
+            )
+        extra = {kind: stats[kind] for kind in needs} if stats else {}
+        merged = rule(task_vectors, params, **extra)
         return merged.to(task_vectors[0].dtype)
 
     def __call__(self, task_vectors: list[Tensor], **params: Any) -> Tensor:
-        """Merge one parameter: 2-D tensors get the matrix rule, others the non-matrix rule."""
+        """Merge one parameter: 2-D tensors get the matrix rule, others the non-matrix rule.
+
+        Data-dependent methods take their statistics as keywords too (``grams=[...]``).
+        """
+        stats = {kind: params.pop(kind) for kind in self.needs if kind in params}
         validated = self.validate(params)
-        return self.apply(task_vectors, validated, matrix=task_vectors[0].dim() == 2)
+        return self.apply(task_vectors, validated, matrix=task_vectors[0].dim() == 2,
+                          stats=stats)
 
     def defaults(self) -> dict[str, Any]:
         """Each parameter's default value."""

@@ -220,9 +220,19 @@ def _select_digit(hist: Tensor, rank: int) -> tuple[int, int]:
     return digit, rank - above
 
 
+def prepare_model_trim(passes: Callable[[], Iterable[Sequence[Tensor]]],
+                       params: TiesParams) -> TiesParams:
+    """The whole-model trim's per-task thresholds, from streamed passes over the model."""
+    if params.trim != "model" or params.thresholds is not None:
+        return params
+    thresholds = model_thresholds(passes, params.k)
+    return TiesParams(**{**params.model_dump(), "thresholds": thresholds})
+
+
 METHOD = register(
     Method(
         name="ties",
+        prepare=prepare_model_trim,
         params=TiesParams,
         matrix_rule=ties_rule,
         other_rule=ties_rule,
