@@ -66,6 +66,17 @@ def test_ablation_rungs_match_reference(rung, shape_name):
     assert rel_err(get("ace")(tvs, eps=2e-4, **flags), expected) < 1e-6
 
 
+@pytest.mark.parametrize("rung", sorted(ABLATIONS))
+def test_ablation_preset_sets_the_switches(rung):
+    tvs = task_vectors((16, 12), HETEROGENEOUS_SCALES, seed=4)
+    assert torch.equal(get("ace")(tvs, ablation=rung), get("ace")(tvs, **ABLATIONS[rung]))
+
+
+def test_ablation_preset_refuses_contradicting_switch():
+    with pytest.raises(AceMergeError, match="ablation E1 sets"):
+        get("ace")(task_vectors((4, 3), (1.0, 2.0)), ablation="E1", collective_prior=True)
+
+
 def test_rungs_differ_from_each_other():
     tvs = task_vectors((30, 20), HETEROGENEOUS_SCALES, seed=5)
     results = [get("ace")(tvs, **ABLATIONS[r]) for r in sorted(ABLATIONS)]

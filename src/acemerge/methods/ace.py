@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
 
@@ -61,6 +61,22 @@ class AceParams(MethodParams):
     solver: Literal["solve", "inverse"] = Field(
         default="solve", description="linear solve (default) or the explicit inverse"
     )
+    ablation: Literal["E1", "E2", "E3", "E4"] | None = Field(
+        default=None, description="Table 4 rung: sets the three component switches"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ablation_rung(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("ablation") is None:
+            return data
+        rung = ABLATIONS.get(data["ablation"])
+        if rung is None:
+            return data  # the field's own validation reports the bad name
+        clashes = [k for k, v in rung.items() if k in data and data[k] != v]
+        if clashes:
+            raise ValueError(f"ablation {data['ablation']} sets {clashes[0]}={rung[clashes[0]]}")
+        return {**data, **rung}
 
     @field_validator("eps", mode="before")
     @classmethod
