@@ -73,3 +73,13 @@ def test_every_data_free_method_runs_through_the_cli(method, gpt2_family, tmp_pa
     name = "transformer.h.0.mlp.c_fc.weight"
     assert torch.isfinite(merged[name]).all() and not torch.equal(merged[name], base_w[name])
     torch.testing.assert_close(merged["score.weight"], base_w["score.weight"])
+
+
+def test_default_scale_is_the_methods():
+    base, experts = family(3)
+    default = acemerge.merge_state_dicts(base, experts, method="task_arithmetic")
+    explicit = acemerge.merge_state_dicts(base, experts, method="task_arithmetic", scale=0.3)
+    unit = acemerge.merge_state_dicts(base, experts, method="task_arithmetic", scale=1.0)
+    assert all(torch.equal(default[n], explicit[n]) for n in base)
+    total = sum(e["a.bias"] - base["a.bias"] for e in experts)
+    torch.testing.assert_close(unit["a.bias"], base["a.bias"] + total)

@@ -38,7 +38,7 @@ def merge_state_dicts(
     base: dict[str, torch.Tensor],
     experts: list[dict[str, torch.Tensor]],
     method: str = "ace",
-    scale: float = 1.0,
+    scale: float | None = None,
     *,
     exclude: tuple[str, ...] = (),
     config: dict | None = None,
@@ -48,6 +48,8 @@ def merge_state_dicts(
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts; returns the merged state dict (base dtypes).
+
+    ``scale`` is the scaling coefficient lambda (None: the method's default, 1.0 for ACE).
 
     2-D ``*.weight`` tensors are treated as (d_out, d_in) linear weights unless a
     ``config`` (a ``config.json`` dict) tells the architecture; ``exclude`` adds patterns
@@ -74,7 +76,7 @@ def merge(
     experts: list[str | os.PathLike],
     out: str | os.PathLike,
     method: str = "ace",
-    scale: float = 1.0,
+    scale: float | None = None,
     *,
     overwrite: bool = False,
     progress: bool = False,
@@ -156,7 +158,7 @@ def _run(
     plan = plan or plan_for(cfg, base)
     return merge_stream(
         base, experts, method, params, plan, emit,
-        scale=cfg.scale, compute_dtype=DTYPES[cfg.compute_dtype],
+        scale=cfg.resolved_scale, compute_dtype=DTYPES[cfg.compute_dtype],
         device=resolve_device(cfg.device), dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
         progress=progress, observer=observer,
     )

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--method", help="merge method (default: ace)")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method parameter (repeat)")
-    m.add_argument("--scale", type=float, help="scaling coefficient lambda (default 1.0)")
+    m.add_argument("--scale", type=float,
+                   help="scaling coefficient lambda (default: the method's, 1.0 for ace)")
     m.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="keep matching parameters at the base value (repeat)")
     m.add_argument("--no-default-excludes", action="store_true",
@@ -143,8 +144,8 @@ def cmd_methods(_: argparse.Namespace) -> int:
         print(f"  default scale: {method.default_scale:g}; non-matrix parameters: "
               f"{method.other_rule_name}")
         for pname, field in method.params.model_fields.items():
-            note = f"  {field.description}" if field.description else ""
-            print(f"  --set {pname}={field.default!s:<8}{note}")
+            setting = f"{pname}={field.default}"
+            print(f"  {setting:<30} {field.description or ''}".rstrip())
     return 0
 
 

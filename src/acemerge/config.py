@@ -56,7 +56,7 @@ class MergeConfig(BaseModel):
     base_model: str
     models: list[ModelEntry] = Field(min_length=2)
     parameters: dict[str, Any] = Field(default_factory=dict)
-    scale: float = 1.0
+    scale: float | None = None  # None: the method's default scaling coefficient
     dtype: str | None = None
     compute_dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
@@ -75,6 +75,15 @@ class MergeConfig(BaseModel):
         if isinstance(value, list):  # accept bare strings as well as {model: ...}
             return [{"model": v} if isinstance(v, str) else v for v in value]
         return value
+
+    @property
+    def resolved_scale(self) -> float:
+        """The scaling coefficient: as set, else the method's default."""
+        if self.scale is not None:
+            return self.scale
+        from acemerge import methods
+
+        return methods.get(self.merge_method).default_scale
 
     @property
     def expert_paths(self) -> list[str]:

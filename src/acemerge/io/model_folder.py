@@ -69,7 +69,7 @@ def model_card(cfg: MergeConfig, plan: Plan) -> str:
         "",
         "## Settings",
         "",
-        f"- scaling coefficient: {cfg.scale:g}",
+        f"- scaling coefficient: {cfg.resolved_scale:g}",
         *[f"- {key}: {value}" for key, value in params.items()],
         f"- compute dtype: {cfg.compute_dtype}; output dtype: {cfg.dtype or 'as the base'}",
         f"- excluded (kept at base): {', '.join(f'`{p}`' for p in plan.exclude) or 'nothing'}",
