@@ -22,6 +22,7 @@ from acemerge.io.writers import (
     staged_output_folder,
 )
 from acemerge.plan import Plan, build_plan
+from acemerge.statistics import StatisticsProvider
 
 
 @dataclass
@@ -45,6 +46,7 @@ def merge_state_dicts(
     compute_dtype: str = "float32",
     device: str = "auto",
     observer: Observer | None = None,
+    statistics: StatisticsProvider | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts; returns the merged state dict (base dtypes).
@@ -53,7 +55,8 @@ def merge_state_dicts(
 
     2-D ``*.weight`` tensors are treated as (d_out, d_in) linear weights unless a
     ``config`` (a ``config.json`` dict) tells the architecture; ``exclude`` adds patterns
-    of parameters kept at their base value.
+    of parameters kept at their base value. ``statistics`` feeds data-dependent methods
+    (RegMean, Fisher), see :mod:`acemerge.statistics`.
     """
     base_ckpt = StateDictCheckpoint(base, "base")
     expert_ckpts: list[Checkpoint] = [
@@ -67,7 +70,8 @@ def merge_state_dicts(
         exclude=list(exclude),
     )
     merged: dict[str, torch.Tensor] = {}
-    _run(cfg, base_ckpt, expert_ckpts, merged.__setitem__, observer=observer)
+    _run(cfg, base_ckpt, expert_ckpts, merged.__setitem__, observer=observer,
+         statistics=statistics)
     return merged
 
 
@@ -80,12 +84,14 @@ def merge(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    statistics: StatisticsProvider | None = None,
     **options: Any,
 ) -> MergeResult:
     """Merge checkpoints on disk into a Hugging Face model folder at ``out``.
 
     ``options`` holds the method's parameters and any of the config fields ``dtype``,
     ``compute_dtype``, ``device``, ``exclude``, ``default_excludes``, ``conv1d_as_stored``.
+    ``statistics`` feeds data-dependent methods (RegMean, Fisher).
     """
     config_fields = set(MergeConfig.model_fields) - {"merge_method", "base_model", "models"}
     fields = {k: options.pop(k) for k in list(options) if k in config_fields}
@@ -93,7 +99,8 @@ def merge(
         merge_method=method, base_model=str(base), models=[str(e) for e in experts],
         parameters=options, scale=scale, **fields,
     )
-    return merge_from_config(cfg, out, overwrite=overwrite, progress=progress)
+    return merge_from_config(cfg, out, overwrite=overwrite, progress=progress,
+                             statistics=statistics)
 
 
 def open_inputs(cfg: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
@@ -119,6 +126,7 @@ def merge_from_config(
     progress: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     observer: Observer | None = None,
+    statistics: StatisticsProvider | None = None,
 ) -> MergeResult:
     """Run a validated config into ``out`` (written to a staging folder, then moved)."""
     import time
@@ -137,7 +145,7 @@ def merge_from_config(
     with staged_output_folder(out, overwrite) as staging:
         writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes)
         steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
-                     observer=observer)
+                     observer=observer, statistics=statistics)
         writer.close()
         write_model_folder_extras(staging, base, cfg, plan)
     return MergeResult(out=out, plan=plan, steps=steps, seconds=time.perf_counter() - start)
@@ -152,6 +160,7 @@ def _run(
     plan: Plan | None = None,
     progress: bool = False,
     observer: Observer | None = None,
+    statistics: StatisticsProvider | None = None,
 ) -> list[MergeStep]:
     method = methods.get(cfg.merge_method)
     params = method.validate(cfg.parameters)
@@ -160,7 +169,7 @@ def _run(
         base, experts, method, params, plan, emit,
         scale=cfg.resolved_scale, compute_dtype=DTYPES[cfg.compute_dtype],
         device=resolve_device(cfg.device), dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
-        progress=progress, observer=observer,
+        progress=progress, observer=observer, stats=statistics,
     )
 
 
