@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from pydantic import AliasChoices, Field
 
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
 
 Tensor = torch.Tensor
 
@@ -89,7 +89,7 @@ def mean_and_deltas(task_vectors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """D_avg and the task vectors, in the compute dtype."""
     dtype = compute_dtype_of(task_vectors[0])
     deltas = [tv.to(dtype) for tv in task_vectors]
-    return torch.stack(deltas).mean(dim=0), deltas
+    return sum_of(deltas).div_(len(deltas)), deltas
 
 
 def low_rank_term(task_vectors: list[Tensor], rank: int) -> Tensor:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
 from acemerge.methods.tsv import Factors, polar_factor
 
 Tensor = torch.Tensor
@@ -65,7 +65,7 @@ def iso_cts_factors(task_vectors: list[Tensor], common_fraction: float = 0.8) ->
     rank = min(deltas[0].shape)
     k_c = common_rank(rank, len(deltas), common_fraction)
     n = (rank - k_c) // len(deltas)
-    u, s, vh = torch.linalg.svd(torch.stack(deltas).sum(dim=0), full_matrices=False)
+    u, s, vh = torch.linalg.svd(sum_of(deltas), full_matrices=False)
     parts = [Factors(u[:, :k_c], s[:k_c], vh[:k_c].T)]  # step 1: common space
     if n > 0:
         parts += [task_specific(delta, parts[0].u, n) for delta in deltas]

@@ -6,7 +6,7 @@ about files, names or models. Matrices arrive as (d_out, d_in), input on the rig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,14 +26,24 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def mean_rule(task_vectors: list[Tensor], params: MethodParams) -> Tensor:
-    """Plain mean of the task vectors (the default for non-matrix parameters)."""
-    return torch.stack(task_vectors).mean(dim=0)
-
-
 def compute_dtype_of(tensor: Tensor) -> torch.dtype:
     """Methods compute in float32 at least, float64 when given float64."""
     return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def sum_of(tensors: Iterable[Tensor]) -> Tensor:
+    """sum_t X_t accumulated in place in float32 at least (no stacked copy of all T)."""
+    iterator = iter(tensors)
+    first = next(iterator)
+    total = first.to(compute_dtype_of(first), copy=True)
+    for tensor in iterator:
+        total += tensor
+    return total
+
+
+def mean_rule(task_vectors: list[Tensor], params: MethodParams) -> Tensor:
+    """Plain mean of the task vectors (the default for non-matrix parameters)."""
+    return sum_of(task_vectors).div_(len(task_vectors))
 
 
 @dataclass(frozen=True)

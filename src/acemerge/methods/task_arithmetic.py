@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.registry import Method, MethodParams, register, sum_of
 
 Tensor = torch.Tensor
 
@@ -20,11 +20,7 @@ class TaskArithmeticParams(MethodParams):
 
 def task_sum(task_vectors: list[Tensor]) -> Tensor:
     """sum_t tau_t, accumulated in float32 at least."""
-    dtype = compute_dtype_of(task_vectors[0])
-    total = task_vectors[0].to(dtype, copy=True)
-    for tv in task_vectors[1:]:
-        total += tv.to(dtype)
-    return total
+    return sum_of(task_vectors)
 
 
 def task_arithmetic_rule(task_vectors: list[Tensor], params: TaskArithmeticParams) -> Tensor:

@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from acemerge.errors import AceMergeError
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
 
 Tensor = torch.Tensor
 
@@ -90,12 +90,24 @@ def trim(tv: Tensor, threshold: float) -> Tensor:
     return torch.where(at_least(tv.abs(), threshold), tv, 0.0)
 
 
-def elect_and_merge(trimmed: Tensor) -> Tensor:
-    """Steps 2-3 on stacked trimmed vectors (T, ...): sign election, then disjoint mean."""
-    elected = torch.sign(trimmed.sum(dim=0))  # step 2: gamma_m = sgn(sum_t tau^_t)
-    agree = (torch.sign(trimmed) == elected) & (elected != 0)  # step 3: the set A^p
-    count = agree.sum(dim=0).clamp_min(1)
-    return torch.where(agree, trimmed, 0.0).sum(dim=0) / count
+def elect_and_merge(trimmed: Sequence[Tensor] | Callable[[int], Tensor], n_tasks: int = 0
+                    ) -> Tensor:
+    """Steps 2-3: sign election, then disjoint mean, with running sums (no stacked copy).
+
+    ``trimmed`` is the T trimmed vectors (a list, or a stacked (T, ...) tensor), or a
+    function that produces task t's trimmed vector on demand (``n_tasks`` of them).
+    """
+    get = trimmed if callable(trimmed) else trimmed.__getitem__
+    count_tasks = n_tasks if callable(trimmed) else len(trimmed)
+    elected = torch.sign(sum_of(get(t) for t in range(count_tasks)))  # step 2: sgn(sum)
+    merged = torch.zeros_like(elected)
+    count = torch.zeros_like(elected)
+    for t in range(count_tasks):
+        vector = get(t)
+        agree = (torch.sign(vector) == elected) & (elected != 0)  # step 3: the set A^p
+        merged += torch.where(agree, vector, 0.0)
+        count += agree
+    return merged / count.clamp_min(1)
 
 
 def ties_merge(
@@ -113,8 +125,8 @@ def ties_merge(
             raise AceMergeError(
                 f"ties: {len(thresholds)} thresholds for {len(vectors)} task vectors"
             )
-        vectors = [trim(tv, t) for tv, t in zip(vectors, thresholds, strict=True)]
-    return elect_and_merge(torch.stack(vectors))
+        return elect_and_merge(lambda t: trim(vectors[t], thresholds[t]), len(vectors))
+    return elect_and_merge(vectors)
 
 
 def ties_rule(task_vectors: list[Tensor], params: TiesParams) -> Tensor:
