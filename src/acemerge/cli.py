@@ -77,6 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the merge methods with their parameters")
 
+    b = sub.add_parser("bench", help="run the offline merge benchmark on a suite")
+    b.add_argument("suite", help="digits, gpt2-text or minilm")
+    b.add_argument("--methods", help="comma-separated methods (default: all)")
+    b.add_argument("--data-free", action="store_true", help="skip RegMean and Fisher")
+    b.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method parameter (repeat)")
+    b.add_argument("--sweep", metavar="METHOD.KEY=V1,V2,...",
+                   help="one row per value (KEY may be scale; ace.ablation=E1,E2,E3,E4)")
+    b.add_argument("--no-tune", action="store_true", help="skip the validation-tuned lambda rows")
+    b.add_argument("--tiny", action="store_true", help="the small CI variant of the suite")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--cache", help="cache folder for trained experts")
+    b.add_argument("--out", help="folder for the markdown, CSV, JSON and PNG reports")
+    b.add_argument("-q", "--quiet", action="store_true")
+
+    i = sub.add_parser("inspect", help="per-layer heterogeneity of experts, with figures")
+    i.add_argument("--base", required=True)
+    i.add_argument("--expert", action="append", default=[], required=True)
+    i.add_argument("--tau", type=float, default=0.3)
+    i.add_argument("--exclude", action="append", default=[], metavar="REGEX")
+    i.add_argument("--out", help="folder for gamma.png and spectrum.png")
+
     d = sub.add_parser("demo", help="merge small generated checkpoints with ACE")
     d.add_argument("--seed", type=int, default=0)
     return parser
@@ -156,7 +178,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": cmd_merge, "methods": cmd_methods, "demo": cmd_demo}
+def parse_method_settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``method.key=value`` pairs grouped by method."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, value in parse_assignments(items).items():
+        method, dot, param = key.partition(".")
+        if not dot or not param:
+            raise AceMergeError(f"--set expects method.key=value, got {key!r}")
+        grouped.setdefault(method, {})[param] = value
+    return grouped
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from acemerge.bench import cache_root, get_suite
+    from acemerge.bench.cli import run_bench_command
+
+    suite = get_suite(args.suite)
+    cache = Path(args.cache) if args.cache else cache_root()
+    built = suite.build(cache, seed=args.seed, tiny=args.tiny, progress=not args.quiet)
+    out = Path(args.out) if args.out else None
+    print(run_bench_command(built, args.methods, args.data_free,
+                            parse_method_settings(args.set), args.sweep, not args.no_tune, out))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from acemerge import inspect as diagnostics
+    from acemerge.api import open_inputs, plan_for
+
+    cfg = config_from_args(argparse.Namespace(
+        config=None, base=args.base, expert=args.expert, method="ace", set=[], scale=None,
+        exclude=args.exclude, dtype=None, no_default_excludes=False, conv1d_as_stored=False,
+        compute_dtype=None, device=None))
+    base, experts = open_inputs(cfg)
+    plan = plan_for(cfg, base)
+    rows = diagnostics.layer_stats(base, experts, plan, args.tau)
+    print(diagnostics.format_layer_table(rows, args.tau))
+    if args.out:
+        for path in diagnostics.write_figures(base, experts, plan, rows, Path(args.out),
+                                              args.tau):
+            print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"merge": cmd_merge, "methods": cmd_methods, "demo": cmd_demo,
+            "bench": cmd_bench, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

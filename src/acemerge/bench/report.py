@@ -1,0 +1,71 @@
+"""Benchmark reports: markdown, CSV, JSON and a bar chart of normalized accuracy."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from acemerge.bench.runner import BenchResult, Row
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def markdown_table(result: BenchResult) -> str:
+    """Accuracy per task (%), average accuracy and average normalized accuracy."""
+    head = ["method", *result.tasks, "avg acc", "avg norm", "lambda", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result.rows:
+        scale = "" if row.scale is None else f"{row.scale:g}"
+        cells = [row.label, *map(_pct, row.accuracy), _pct(row.mean_accuracy),
+                 _pct(row.mean_normalized), scale, row.note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(result: BenchResult) -> str:
+    """One line per row and task: accuracy and normalized accuracy."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["suite", "row", "method", "lambda", "task", "accuracy", "normalized"])
+    for row in result.rows:
+        for task, acc, norm in zip(result.tasks, row.accuracy, row.normalized, strict=True):
+            writer.writerow([result.suite, row.label, row.method or "", row.scale or "",
+                             task, f"{acc:.6f}", f"{norm:.6f}"])
+    return buffer.getvalue()
+
+
+def plot_normalized(result: BenchResult, path: Path) -> None:
+    """Bar chart of the average normalized accuracy per method row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: list[Row] = [r for r in result.rows if r.label != "individual experts"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows)), 4))
+    colors = ["tab:red" if r.method == "ace" else "tab:gray" if r.method is None
+              else "tab:blue" for r in rows]
+    ax.bar(range(len(rows)), [100 * r.mean_normalized for r in rows], color=colors)
+    ax.set_xticks(range(len(rows)), [r.label for r in rows], rotation=60, ha="right",
+                  fontsize=8)
+    ax.axhline(100, color="black", linestyle="--", linewidth=0.8)
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_title(f"{result.suite}: merged / expert accuracy, mean over tasks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: BenchResult, out: Path, stem: str = "results") -> list[Path]:
+    """``{stem}.md``, ``.csv``, ``.json`` and ``{stem}_normalized.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.json",
+             out / f"{stem}_normalized.png"]
+    paths[0].write_text(markdown_table(result) + "\n")
+    paths[1].write_text(csv_text(result))
+    paths[2].write_text(result.to_json())
+    plot_normalized(result, paths[3])
+    return paths

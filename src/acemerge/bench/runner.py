@@ -1,0 +1,191 @@
+"""The benchmark protocol: merge a built suite with each method and score every task.
+
+Rows: the base encoder with each task's head (zero-shot), the individual experts, and
+every method. Methods whose papers tune the scaling coefficient on validation data are
+reported twice: at their default lambda, and with lambda chosen on a validation split held
+out from each task's training data (never the test set). ACE and EigCov run at their fixed
+defaults, as their papers intend. RegMean and Fisher use statistics collected from each
+task's training data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from acemerge import methods
+from acemerge.api import merge_state_dicts
+from acemerge.bench.suite import BuiltSuite
+from acemerge.io.readers import open_checkpoint
+
+#: Methods whose papers tune lambda on validation data (reported default and tuned).
+TUNED_METHODS = ("task_arithmetic", "ties", "dare", "consensus", "cart", "tsv", "iso_c",
+                 "iso_cts")
+#: The lambda grid searched on the validation split.
+LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0)
+DATA_DEPENDENT = ("regmean", "fisher")
+
+
+@dataclass
+class Row:
+    """One line of a result table."""
+
+    label: str
+    method: str | None
+    params: dict[str, Any]
+    scale: float | None
+    accuracy: list[float]
+    normalized: list[float]
+    note: str = ""
+    seconds: float = 0.0
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.accuracy) / len(self.accuracy)
+
+    @property
+    def mean_normalized(self) -> float:
+        return sum(self.normalized) / len(self.normalized)
+
+
+@dataclass
+class BenchResult:
+    """A suite's table: task names and rows."""
+
+    suite: str
+    tasks: list[str]
+    rows: list[Row] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        rows = [asdict(r) | {"mean_accuracy": r.mean_accuracy,
+                             "mean_normalized": r.mean_normalized} for r in self.rows]
+        return json.dumps({"suite": self.suite, "tasks": self.tasks, "rows": rows}, indent=2)
+
+
+def load_state_dict(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder."""
+    ckpt = open_checkpoint(folder)
+    return {name: ckpt.get(name) for name in ckpt.specs()}
+
+
+class Benchmark:
+    """Holds a built suite's base and experts in memory and scores merges."""
+
+    def __init__(self, built: BuiltSuite) -> None:
+        self.built = built
+        self.base = load_state_dict(built.base_dir)
+        self.experts = [load_state_dict(d) for d in built.expert_dirs]
+        config_path = built.base_dir / "config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        self.n_tasks = len(built.tasks)
+        self.expert_accuracy = [built.evaluate(self.experts[t], t) for t in range(self.n_tasks)]
+        self._stats: object | None = None
+
+    def score(self, encoder: dict[str, torch.Tensor], split: str = "test") -> list[float]:
+        """Accuracy of ``encoder`` on every task."""
+        return [self.built.evaluate(encoder, t, split) for t in range(self.n_tasks)]
+
+    def normalized(self, accuracy: list[float]) -> list[float]:
+        """Merged accuracy over expert accuracy, per task (1.0 = the expert's)."""
+        return [a / max(e, 1e-12) for a, e in zip(accuracy, self.expert_accuracy, strict=True)]
+
+    def row(self, label: str, encoder: dict[str, torch.Tensor], **info: Any) -> Row:
+        accuracy = self.score(encoder)
+        return Row(label=label, accuracy=accuracy, normalized=self.normalized(accuracy),
+                   **{"method": None, "params": {}, "scale": None} | info)
+
+    def reference_rows(self) -> list[Row]:
+        """Zero-shot base (each task's head on the base encoder) and the experts."""
+        base = self.row("base (zero-shot)", self.base)
+        experts = Row(label="individual experts", method=None, params={}, scale=None,
+                      accuracy=list(self.expert_accuracy),
+                      normalized=[1.0] * self.n_tasks)
+        return [base, experts]
+
+    def merge(self, method: str, params: dict[str, Any], scale: float | None = None
+              ) -> tuple[dict[str, torch.Tensor], float]:
+        """Merged encoder and the seconds the merge took."""
+        extra = {}
+        if methods.get(method).needs:
+            extra["statistics"] = self.statistics()
+        start = time.perf_counter()
+        merged = merge_state_dicts(self.base, self.experts, method=method, scale=scale,
+                                   config=self.config, exclude=tuple(self.built.exclude),
+                                   device="cpu", **extra, **params)
+        return merged, time.perf_counter() - start
+
+    def statistics(self) -> object:
+        if self._stats is None:
+            self._stats = self.built.statistics(("grams", "fishers"))
+        return self._stats
+
+    def method_rows(self, method: str, params: dict[str, Any], tune: bool) -> list[Row]:
+        """The default row, and the validation-tuned row for methods that tune lambda."""
+        merged, seconds = self.merge(method, params)
+        scale = methods.get(method).default_scale
+        note = "fixed defaults" if method in ("ace", "eigcov") else "default lambda"
+        if method in DATA_DEPENDENT:
+            note = "data-dependent reference (training-data statistics)"
+        rows = [self.row(method, merged, method=method, params=params, scale=scale,
+                         note=note, seconds=seconds)]
+        if tune and method in TUNED_METHODS:
+            rows.append(self.tuned_row(method, params, merged, scale, seconds))
+        return rows
+
+    def tuned_row(self, method: str, params: dict[str, Any], merged: dict[str, torch.Tensor],
+                  scale: float, seconds: float) -> Row:
+        """Lambda chosen by mean validation accuracy over the grid, scored on test."""
+        direction = {k: (merged[k].double() - self.base[k].double()) / scale
+                     for k in merged if merged[k].is_floating_point()}
+
+        def at(lam: float) -> dict[str, torch.Tensor]:
+            return {k: (self.base[k].double() + lam * direction[k]).to(v.dtype)
+                    if k in direction else v for k, v in merged.items()}
+
+        val = {lam: sum(self.score(at(lam), "val")) / self.n_tasks for lam in LAMBDA_GRID}
+        best = max(LAMBDA_GRID, key=lambda lam: (val[lam], -abs(lam - scale)))
+        return self.row(f"{method} (tuned)", at(best), method=method, params=params,
+                        scale=best, note=f"lambda tuned on validation: {best:g}",
+                        seconds=seconds)
+
+
+def run_benchmark(
+    built: BuiltSuite,
+    method_names: list[str],
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    tune: bool = True,
+) -> BenchResult:
+    """The full table for ``method_names`` (parameters from ``overrides``)."""
+    bench = Benchmark(built)
+    result = BenchResult(built.name, [t.name for t in built.tasks], bench.reference_rows())
+    for name in method_names:
+        result.rows += bench.method_rows(name, (overrides or {}).get(name, {}), tune)
+    return result
+
+
+def run_sweep(
+    built: BuiltSuite,
+    method: str,
+    key: str,
+    values: list[Any],
+    base_params: dict[str, Any] | None = None,
+) -> BenchResult:
+    """One parameter of one method (``scale`` sweeps lambda), a row per value."""
+    bench = Benchmark(built)
+    result = BenchResult(built.name, [t.name for t in built.tasks], bench.reference_rows())
+    for value in values:
+        params = dict(base_params or {})
+        scale = None
+        if key == "scale":
+            scale = float(value)
+        else:
+            params[key] = value
+        merged, seconds = bench.merge(method, params, scale)
+        result.rows.append(bench.row(f"{method} {key}={value}", merged, method=method,
+                                     params=params, scale=scale, seconds=seconds))
+    return result

@@ -1,0 +1,132 @@
+"""The benchmark protocol on a synthetic suite: rows, tuned lambda on validation, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from acemerge.bench.report import write_report
+from acemerge.bench.runner import LAMBDA_GRID, run_benchmark, run_sweep
+from acemerge.bench.suite import BuiltSuite, Task
+from acemerge.inspect import format_layer_table, layer_stats, write_figures
+from acemerge.io.readers import open_checkpoint
+from acemerge.plan import build_plan
+
+D_IN, HIDDEN = 6, 12
+
+
+def encoder(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x @ state["enc.0.weight"].T + state["enc.0.bias"])
+
+
+class ToySuite(BuiltSuite):
+    """Three linear-label tasks on Gaussian inputs; experts fine-tune the encoder + head."""
+
+    def __init__(self, folder: Path) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.data = {}
+        self.heads = []
+        base = {"enc.0.weight": 0.5 * torch.randn(HIDDEN, D_IN, generator=gen),
+                "enc.0.bias": torch.zeros(HIDDEN)}
+        save_file(base, str(_mk(folder / "base") / "model.safetensors"))
+        experts = []
+        for t, steps in enumerate((40, 120, 300)):
+            w = torch.randn(D_IN, generator=gen)
+            x = torch.randn(600, D_IN, generator=gen) + t
+            y = (x @ w > (x @ w).median()).long()
+            self.data[t] = {"train": (x[:300], y[:300]), "val": (x[300:450], y[300:450]),
+                            "test": (x[450:], y[450:])}
+            state, head = self._finetune(base, *self.data[t]["train"], steps)
+            self.heads.append(head)
+            path = _mk(folder / f"expert{t}")
+            save_file(state, str(path / "model.safetensors"))
+            experts.append(path)
+        tasks = [Task(f"task{t}", "toy", 2) for t in range(3)]
+        super().__init__("toy", folder, tasks, folder / "base", experts)
+
+    @staticmethod
+    def _finetune(base, x, y, steps):
+        state = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        head = torch.nn.Linear(HIDDEN, 2)
+        opt = torch.optim.Adam([*state.values(), *head.parameters()], lr=1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(head(encoder(state, x)), y).backward()
+            opt.step()
+        return {k: v.detach() for k, v in state.items()}, head
+
+    @torch.no_grad()
+    def evaluate(self, enc, task, split="test"):
+        x, y = self.data[task][split]
+        return float((self.heads[task](encoder(enc, x)).argmax(1) == y).float().mean())
+
+    def statistics(self, kinds):
+        raise NotImplementedError
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    torch.manual_seed(0)
+    return ToySuite(tmp_path_factory.mktemp("toy"))
+
+
+def test_rows_experts_normalize_to_one_and_tuned_rows_use_the_grid(toy, tmp_path):
+    result = run_benchmark(toy, ["ace", "task_arithmetic", "average"])
+    labels = [r.label for r in result.rows]
+    assert labels == ["base (zero-shot)", "individual experts", "ace", "task_arithmetic",
+                      "task_arithmetic (tuned)", "average"]
+    experts = result.rows[1]
+    assert experts.normalized == [1.0, 1.0, 1.0]
+    assert all(e > b for e, b in zip(experts.accuracy, result.rows[0].accuracy, strict=True))
+    tuned = result.rows[4]
+    assert tuned.scale in LAMBDA_GRID and result.rows[3].scale == 0.3
+    for row in result.rows:
+        assert all(abs(n - a / e) < 1e-12 for n, a, e in
+                   zip(row.normalized, row.accuracy, experts.accuracy, strict=True))
+    paths = write_report(result, tmp_path / "report")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    saved = json.loads(paths[2].read_text())
+    assert saved["rows"][2]["label"] == "ace" and len(saved["rows"][2]["accuracy"]) == 3
+    assert "| ace |" in paths[0].read_text()
+
+
+def test_tuned_lambda_maximizes_validation_accuracy(toy):
+    result = run_benchmark(toy, ["task_arithmetic"])
+    tuned = result.rows[-1]
+    sweep = run_sweep(toy, "task_arithmetic", "scale", list(LAMBDA_GRID))
+    from acemerge.bench.runner import Benchmark
+
+    bench = Benchmark(toy)
+    val_best = max(sum(bench.score(_merge(bench, lam), "val")) for lam in LAMBDA_GRID)
+    assert sum(bench.score(_merge(bench, tuned.scale), "val")) == pytest.approx(val_best)
+    assert len(sweep.rows) == 2 + len(LAMBDA_GRID)
+
+
+def _merge(bench, lam):
+    return bench.merge("task_arithmetic", {}, lam)[0]
+
+
+def test_ablation_sweep_has_a_row_per_rung(toy):
+    result = run_sweep(toy, "ace", "ablation", ["E1", "E2", "E3", "E4"])
+    assert [r.label for r in result.rows[2:]] == [f"ace ablation=E{i}" for i in range(1, 5)]
+
+
+def test_inspect_reports_every_matrix_and_writes_figures(toy, tmp_path):
+    base = open_checkpoint(toy.base_dir)
+    experts = [open_checkpoint(d) for d in toy.expert_dirs]
+    plan = build_plan([(n, s, d) for n, (s, d) in base.specs().items()])
+    rows = layer_stats(base, experts, plan, tau=0.0)  # tau 0: every layer heterogeneous
+    assert [r.name for r in rows] == ["enc.0.weight"] and rows[0].heterogeneous
+    assert len(rows[0].energies) == 3
+    assert "1 of 1 matrices" in format_layer_table(rows, 0.0)
+    paths = write_figures(base, experts, plan, rows, tmp_path / "fig", tau=0.0)
+    assert [p.name for p in paths] == ["gamma.png", "spectrum.png"]
