@@ -83,3 +83,29 @@ def test_default_scale_is_the_methods():
     assert all(torch.equal(default[n], explicit[n]) for n in base)
     total = sum(e["a.bias"] - base["a.bias"] for e in experts)
     torch.testing.assert_close(unit["a.bias"], base["a.bias"] + total)
+
+
+def test_regmean_from_statistics_files_on_the_cli(gpt2_family, tmp_path):
+    import transformers
+
+    from acemerge.statistics import collect_tensor_statistics
+
+    base, experts = gpt2_family
+    gen = torch.Generator().manual_seed(0)
+    pairs = []
+    for expert in experts:
+        model = transformers.GPT2ForSequenceClassification.from_pretrained(expert)
+        batches = [{"input_ids": torch.randint(1, 64, (4, 8), generator=gen)} for _ in range(2)]
+        pairs.append((model, batches))
+    stats = collect_tensor_statistics(pairs, ("grams",))
+    files = [str(p) for p in stats.save(tmp_path / "stats")]
+    args = ["merge", "--base", str(base), "--method", "regmean", "-q"]
+    args += [a for e in experts for a in ("--expert", str(e))]
+    assert main(args + ["--out", str(tmp_path / "no-stats")]) == 2
+    assert main(args + ["--statistics", files[0], "--out", str(tmp_path / "one")]) == 2
+    with_files = args + [a for f in files for a in ("--statistics", f)]
+    assert main(with_files + ["--out", str(tmp_path / "out")]) == 0
+    api = acemerge.merge(base, experts, tmp_path / "api", method="regmean", statistics=stats)
+    cli_sd = load_file(tmp_path / "out" / "model.safetensors")
+    api_sd = load_file(api.out / "model.safetensors")
+    assert all(torch.equal(cli_sd[k], api_sd[k]) for k in cli_sd)

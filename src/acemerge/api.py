@@ -133,6 +133,7 @@ def merge_from_config(
 
     out = Path(out)
     check_output_folder(out, overwrite)
+    statistics = statistics or cfg.load_statistics()
     start = time.perf_counter()
     base, experts = open_inputs(cfg)
     plan = plan_for(cfg, base)

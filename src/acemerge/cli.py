@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the architecture's default exclusions")
     m.add_argument("--conv1d-as-stored", action="store_true",
                    help="merge GPT-2 Conv1D weights untransposed, as the ACE authors' code does")
+    m.add_argument("--statistics", action="append", default=[], metavar="FILE",
+                   help="per-expert statistics file for regmean/fisher (repeat, in order)")
     m.add_argument("--dtype", help="output dtype (default: the base's)")
     m.add_argument("--compute-dtype", choices=["float32", "float64"], help="default float32")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
@@ -111,7 +113,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.config:
         given = [flag for flag, value in (("--base", args.base), ("--expert", args.expert),
                  ("--method", args.method), ("--set", args.set), ("--scale", args.scale),
-                 ("--exclude", args.exclude), ("--dtype", args.dtype)) if value]
+                 ("--exclude", args.exclude), ("--dtype", args.dtype),
+                 ("--statistics", args.statistics)) if value]
         if given:
             raise AceMergeError(f"--config cannot be combined with {given[0]}")
         cfg = load_config(args.config)
@@ -121,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         fields: dict[str, Any] = {
             "merge_method": args.method or "ace", "base_model": args.base,
             "models": args.expert, "parameters": parse_assignments(args.set),
-            "exclude": args.exclude, "dtype": args.dtype,
+            "exclude": args.exclude, "dtype": args.dtype, "statistics": args.statistics,
         }
         if args.scale is not None:
             fields["scale"] = args.scale
@@ -209,11 +212,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from acemerge import inspect as diagnostics
     from acemerge.api import open_inputs, plan_for
+    from acemerge.config import build_config
 
-    cfg = config_from_args(argparse.Namespace(
-        config=None, base=args.base, expert=args.expert, method="ace", set=[], scale=None,
-        exclude=args.exclude, dtype=None, no_default_excludes=False, conv1d_as_stored=False,
-        compute_dtype=None, device=None))
+    cfg = build_config(base_model=args.base, models=args.expert, exclude=args.exclude)
     base, experts = open_inputs(cfg)
     plan = plan_for(cfg, base)
     rows = diagnostics.layer_stats(base, experts, plan, args.tau)

@@ -63,6 +63,22 @@ class MergeConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     default_excludes: bool = True
     conv1d_as_stored: bool = False
+    #: Per-expert statistics files (TensorStatistics.save) for RegMean / Fisher.
+    statistics: list[str] = Field(default_factory=list)
+
+    def load_statistics(self) -> object | None:
+        """The statistics files as a provider (None when there are none)."""
+        if not self.statistics:
+            return None
+        from acemerge.statistics import TensorStatistics
+
+        if len(self.statistics) != len(self.models):
+            raise AceMergeError(f"{len(self.statistics)} statistics files for "
+                                f"{len(self.models)} experts (give one per expert, in order)")
+        missing = [p for p in self.statistics if not Path(p).is_file()]
+        if missing:
+            raise AceMergeError(f"{missing[0]}: no such statistics file")
+        return TensorStatistics.load(self.statistics)
 
     @field_validator("dtype", mode="before")
     @classmethod
