@@ -8,6 +8,7 @@ import torch
 
 from acemerge import AceMergeError
 from acemerge.methods import cart, registry
+from tests.factories import experts
 
 SHAPES = {"tall": (30, 12), "wide": (12, 30), "square": (20, 20)}
 # The paper's (lam, rho) per benchmark size, written out here independently of the module.
@@ -21,16 +22,6 @@ PAPER_SETTINGS = {
 }
 
 
-def experts(shape, count, seed=0, dtype=torch.float64):
-    """A shared component plus each task's own, with different magnitudes."""
-    gen = torch.Generator().manual_seed(seed)
-    shared = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return [
-        (
-            (1 + 0.3 * t) * (0.5 * shared + torch.randn(shape, generator=gen, dtype=torch.float64))
-        ).to(dtype)
-        for t in range(count)
-    ]
 
 
 def cart_reference(tvs, lam, rho):

@@ -7,19 +7,11 @@ import pytest
 import torch
 
 from acemerge.methods import iso_c, registry
+from tests.factories import experts
 
 SHAPES = {"tall": (30, 12), "wide": (12, 30), "square": (20, 20)}
 
 
-def experts(shape, count, seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    shared = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return [
-        (
-            (1 + 0.3 * t) * (0.5 * shared + torch.randn(shape, generator=gen, dtype=torch.float64))
-        ).to(dtype)
-        for t in range(count)
-    ]
 
 
 def low_rank_experts(shape, count, rank, seed=0):

@@ -8,6 +8,7 @@ import torch
 
 from acemerge import AceMergeError
 from acemerge.methods import iso_c, iso_cts, registry
+from tests.factories import experts, np_polar
 
 # (shape, task count, expected k_c at common_fraction 0.8), worked out by hand:
 # r - floor(0.8 r) moved to the nearest multiple of T.
@@ -20,20 +21,8 @@ CASES = {
 }
 
 
-def experts(shape, count, seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    shared = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return [
-        (
-            (1 + 0.3 * t) * (0.5 * shared + torch.randn(shape, generator=gen, dtype=torch.float64))
-        ).to(dtype)
-        for t in range(count)
-    ]
 
 
-def np_polar(x):
-    p, _, qh = np.linalg.svd(x, full_matrices=False)
-    return p @ qh
 
 
 def iso_cts_reference(tvs, k_c):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from acemerge.methods import registry, tsv
+from tests.factories import experts, np_polar
 
 # (shape, task count): T k = r, T k < r, and each orientation.
 CASES = {
@@ -17,20 +18,8 @@ CASES = {
 }
 
 
-def experts(shape, count, seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    shared = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return [
-        (
-            (1 + 0.3 * t) * (0.5 * shared + torch.randn(shape, generator=gen, dtype=torch.float64))
-        ).to(dtype)
-        for t in range(count)
-    ]
 
 
-def np_polar(x):
-    p, _, qh = np.linalg.svd(x, full_matrices=False)
-    return p @ qh
 
 
 def tsv_reference(tvs):
