@@ -130,3 +130,20 @@ def test_inspect_reports_every_matrix_and_writes_figures(toy, tmp_path):
     assert "1 of 1 matrices" in format_layer_table(rows, 0.0)
     paths = write_figures(base, experts, plan, rows, tmp_path / "fig", tau=0.0)
     assert [p.name for p in paths] == ["gamma.png", "spectrum.png"]
+
+
+def test_bench_command_on_tiny_digits_writes_reports(tmp_path, capsys):
+    from acemerge.cli import main
+
+    out = tmp_path / "out"
+    code = main(["bench", "digits", "--tiny", "--methods", "ace,average,ties", "--no-tune",
+                 "--cache", str(tmp_path / "cache"), "--out", str(out), "-q"])
+    assert code == 0
+    table = capsys.readouterr().out
+    for label in ("| base (zero-shot) |", "| individual experts |", "| ace |", "| ties |"):
+        assert label in table
+    saved = json.loads((out / "results.json").read_text())
+    experts = saved["rows"][1]["accuracy"]
+    base = saved["rows"][0]["accuracy"]
+    assert all(e > b for e, b in zip(experts, base, strict=True))
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.csv", "gamma.png"}

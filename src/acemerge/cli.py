@@ -1,4 +1,4 @@
-"""The ``acemerge`` command line: ``merge``, ``methods`` and ``demo``."""
+"""The ``acemerge`` command line: merge, methods, bench, inspect and demo."""
 
 from __future__ import annotations
 
@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--exclude", action="append", default=[], metavar="REGEX")
     i.add_argument("--out", help="folder for gamma.png and spectrum.png")
 
-    d = sub.add_parser("demo", help="merge small generated checkpoints with ACE")
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="the digits benchmark with every data-free method")
+    d.add_argument("--out", default="bench-out/demo", help="report folder")
     return parser
 
 
@@ -175,10 +175,10 @@ def cmd_methods(_: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from acemerge.demo import run_demo
-
-    run_demo(seed=args.seed)
-    return 0
+    """Build (or reuse) the fastest suite and merge it with every data-free method."""
+    return cmd_bench(argparse.Namespace(
+        suite="digits", methods=None, data_free=True, set=[], sweep=None, no_tune=False,
+        tiny=False, seed=0, cache=None, out=args.out, quiet=False))
 
 
 def parse_method_settings(items: list[str]) -> dict[str, dict[str, Any]]:
