@@ -203,7 +203,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     built = suite.build(cache, seed=args.seed, tiny=args.tiny, progress=not args.quiet)
     out = Path(args.out) if args.out else None
     print(run_bench_command(built, args.methods, args.data_free,
-                            parse_method_settings(args.set), args.sweep, not args.no_tune, out))
+                            parse_method_settings(args.set), args.sweep, not args.no_tune, out,
+                            progress=not args.quiet))
     return 0
 
 

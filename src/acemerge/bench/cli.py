@@ -7,7 +7,7 @@ from typing import Any
 
 from acemerge import methods
 from acemerge.bench.report import markdown_table, write_report
-from acemerge.bench.runner import BenchResult, run_benchmark, run_sweep
+from acemerge.bench.runner import BenchResult, run_benchmark, run_sweep, stderr_log
 from acemerge.bench.suite import BuiltSuite
 from acemerge.errors import AceMergeError
 
@@ -48,7 +48,7 @@ def suite_figures(built: BuiltSuite, out: Path) -> list[Path]:
 
 def run_bench_command(built: BuiltSuite, names: str | None, data_free: bool,
                       settings: dict[str, dict[str, Any]], sweep: str | None, tune: bool,
-                      out: Path | None) -> str:
+                      out: Path | None, progress: bool = False) -> str:
     """Run the benchmark (or a sweep), write the reports, return the markdown table."""
     for method, params in settings.items():
         methods.get(method).validate(params)
@@ -57,7 +57,8 @@ def run_bench_command(built: BuiltSuite, names: str | None, data_free: bool,
         result: BenchResult = run_sweep(built, method, key, values, settings.get(method))
         stem = f"sweep_{method}_{key}"
     else:
-        result = run_benchmark(built, choose_methods(names, data_free), settings, tune=tune)
+        result = run_benchmark(built, choose_methods(names, data_free), settings, tune=tune,
+                               log=stderr_log if progress else None)
         stem = "results"
     text = f"## {built.name}\n\n{markdown_table(result)}\n"
     if out is not None:

