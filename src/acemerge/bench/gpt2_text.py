@@ -25,35 +25,28 @@ import torch
 
 from acemerge.bench.text_suite import (
     BuiltTextSuite,
-    ExpertSpec,
+    FineTuneRecipe,
     Progress,
     TextSuite,
-    TrainConfig,
     linear_schedule,
     quiet_transformers,
 )
-from acemerge.bench.text_tasks import TextTask, pretraining_texts
+from acemerge.bench.text_tasks import pretraining_texts
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<pad>", "<sep>")
 
 
 @dataclass(frozen=True)
-class Gpt2Recipe:
-    """Model size, pretraining and fine-tuning budgets."""
+class Gpt2Recipe(FineTuneRecipe):
+    """Model size and pretraining budget, with the experts' fine-tuning budgets."""
 
     vocab_size: int
     n_layer: int
     n_embd: int
     n_head: int
-    max_length: int
     lm_steps: int
     lm_batch: int
     lm_lr: float
-    expert_steps: dict[str, int]
-    lr: float
-    head_lr: float
-    batch_size: int
-    sizes: tuple[int, int, int]  # examples per task in train, val, test
 
 
 FULL = Gpt2Recipe(
@@ -173,11 +166,8 @@ class Gpt2TextSuite(TextSuite):
         log(f"tokenizer: {len(tokenizer)} tokens")
         return pretrain(recipe, tokenizer, texts, seed, log), tokenizer
 
-    def spec(self, recipe: Gpt2Recipe, task: TextTask) -> ExpertSpec:
-        train = TrainConfig(steps=recipe.expert_steps[task.name], lr=recipe.lr,
-                            head_lr=recipe.head_lr, batch_size=recipe.batch_size)
-        return ExpertSpec(width=recipe.n_embd, pooling="last", head_bias=False,
-                          max_length=recipe.max_length, token_types=False, train=train)
+    def width(self, recipe: Gpt2Recipe) -> int:
+        return recipe.n_embd
 
 
 def sequence_classifier(suite: BuiltTextSuite, encoder: dict[str, torch.Tensor],

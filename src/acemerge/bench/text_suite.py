@@ -445,6 +445,18 @@ def suite_json(name: str, seed: int, tiny: bool, version: int, recipe: dict[str,
 
 
 @dataclass(frozen=True)
+class FineTuneRecipe:
+    """What every text suite's recipe sets for its experts (suites add their own)."""
+
+    max_length: int
+    expert_steps: dict[str, int]  # task -> AdamW steps
+    lr: float
+    head_lr: float
+    batch_size: int
+    sizes: tuple[int, int, int]  # examples per task in train, val, test
+
+
+@dataclass(frozen=True)
 class ExpertSpec:
     """How a suite turns its base encoder into one task's expert."""
 
@@ -502,6 +514,7 @@ class TextSuite(Suite):
     pooling: Pooling = "mean"
     token_types: bool = False
     eval_bf16: bool = False
+    head_bias: bool = False
 
     @abstractmethod
     def recipe(self, tiny: bool) -> Any:
@@ -517,8 +530,21 @@ class TextSuite(Suite):
         """The base encoder and its tokenizer (trained or loaded)."""
 
     @abstractmethod
-    def spec(self, recipe: Any, task: TextTask) -> ExpertSpec:
+    def width(self, recipe: Any) -> int:
+        """The encoder's hidden size (the heads' input)."""
+
+    def frozen(self, recipe: Any) -> tuple[str, ...]:
+        """Encoder parameter name prefixes the experts leave at the base (none)."""
+        return ()
+
+    def spec(self, recipe: FineTuneRecipe, task: TextTask) -> ExpertSpec:
         """How task ``task``'s expert is trained."""
+        train = TrainConfig(steps=recipe.expert_steps[task.name], lr=recipe.lr,
+                            head_lr=recipe.head_lr, batch_size=recipe.batch_size)
+        return ExpertSpec(width=self.width(recipe), pooling=self.pooling,
+                          head_bias=self.head_bias, max_length=recipe.max_length,
+                          token_types=self.token_types, train=train,
+                          freeze=self.frozen(recipe), eval_bf16=self.eval_bf16)
 
     def build(self, cache_dir: Path, *, seed: int = 0, tiny: bool = False,
               progress: bool = True) -> BuiltTextSuite:
