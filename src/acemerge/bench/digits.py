@@ -55,7 +55,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -67,7 +66,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from acemerge.bench.suite import BuiltSuite, Suite, Task, cache_key
+from acemerge.bench.suite import BuiltSuite, Progress, Suite, Task, cache_key
 from acemerge.errors import AceMergeError
 from acemerge.statistics import KINDS, TensorStatistics, collect_statistics
 
@@ -510,14 +509,14 @@ class DigitsSuite(Suite):
 
     def build(self, cache_dir: Path, *, seed: int = 0, tiny: bool = False,
               progress: bool = True) -> DigitsBuilt:
-        start = time.perf_counter()
+        log = Progress(self.name, progress)
         folder = Path(cache_dir) / self.key(seed, tiny)
         recipe = TINY if tiny else FULL
         trained = not _complete(folder, recipe)
         if trained:
-            _train_into(folder, recipe, seed, tiny, self.threads, _logger(progress, start))
+            _train_into(folder, recipe, seed, tiny, self.threads, log)
         built = _load(folder, recipe, self.threads)
-        built.trained, built.build_seconds = trained, time.perf_counter() - start
+        built.trained, built.build_seconds = trained, log.seconds
         return built
 
     def key(self, seed: int, tiny: bool) -> str:
@@ -527,14 +526,6 @@ class DigitsSuite(Suite):
         major = transformers.__version__.split(".")[0]
         return cache_key(self.name, seed, tiny, self.recipe_version,
                          extra={"transformers": major})
-
-
-def _logger(progress: bool, start: float) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if progress:
-            print(f"[digits {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr)
-
-    return log
 
 
 def _complete(folder: Path, recipe: Recipe | None = None) -> bool:

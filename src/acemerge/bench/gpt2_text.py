@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from acemerge.bench.suite import Progress
 from acemerge.bench.text_suite import (
     BuiltTextSuite,
     FineTuneRecipe,
-    Progress,
     TextSuite,
     linear_schedule,
     quiet_transformers,

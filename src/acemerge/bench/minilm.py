@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from acemerge.bench.suite import Progress
 from acemerge.bench.text_suite import (
     FineTuneRecipe,
-    Progress,
     TextSuite,
     quiet_transformers,
 )

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -82,3 +84,19 @@ class Suite(ABC):
     def build(self, cache_dir: Path, *, seed: int = 0, tiny: bool = False,
               progress: bool = True) -> BuiltSuite:
         """Train the base and experts (or reuse the cache under ``cache_dir``)."""
+
+
+class Progress:
+    """Timestamped progress lines on stderr (silent when disabled)."""
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name, self.enabled, self.start = name, enabled, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            elapsed = time.perf_counter() - self.start
+            print(f"[{self.name} {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

@@ -21,8 +21,6 @@ import copy
 import json
 import os
 import shutil
-import sys
-import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,7 +30,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from acemerge.bench.suite import BuiltSuite, Suite, Task, cache_key
+from acemerge.bench.suite import BuiltSuite, Progress, Suite, Task, cache_key
 from acemerge.bench.text_tasks import Example, TextTask, build_tasks
 
 Pooling = Literal["last", "mean"]
@@ -284,22 +282,6 @@ def cached_build(folder: Path, build: Callable[[Path], None]) -> bool:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return False
-
-
-class Progress:
-    """Timestamped progress lines on stderr (silent when disabled)."""
-
-    def __init__(self, name: str, enabled: bool) -> None:
-        self.name, self.enabled, self.start = name, enabled, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            elapsed = time.perf_counter() - self.start
-            print(f"[{self.name} {elapsed:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
 
 
 # ---------------------------------------------------------------------------- built suite
