@@ -7,8 +7,8 @@ from typing import Any
 
 from acemerge import methods
 from acemerge.bench.report import markdown_table, write_report
-from acemerge.bench.runner import BenchResult, run_benchmark, run_sweep, stderr_log
-from acemerge.bench.suite import BuiltSuite
+from acemerge.bench.runner import BenchResult, run_benchmark, run_sweep
+from acemerge.bench.suite import BuiltSuite, Progress
 from acemerge.errors import AceMergeError
 
 
@@ -58,7 +58,7 @@ def run_bench_command(built: BuiltSuite, names: str | None, data_free: bool,
         stem = f"sweep_{method}_{key}"
     else:
         result = run_benchmark(built, choose_methods(names, data_free), settings, tune=tune,
-                               log=stderr_log if progress else None)
+                               log=Progress("bench", progress))
         stem = "results"
     text = f"## {built.name}\n\n{markdown_table(result)}\n"
     if out is not None:

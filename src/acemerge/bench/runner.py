@@ -11,7 +11,6 @@ task's training data.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -165,7 +164,6 @@ def run_benchmark(
 ) -> BenchResult:
     """The full table for ``method_names`` (parameters from ``overrides``); ``log``
     receives a line per scored method."""
-    start = time.perf_counter()
     bench = Benchmark(built)
     result = BenchResult(built.name, [t.name for t in built.tasks], bench.reference_rows())
     for index, name in enumerate(method_names, 1):
@@ -173,14 +171,9 @@ def run_benchmark(
         result.rows += rows
         if log is not None:
             scores = ", ".join(f"{r.label} {100 * r.mean_normalized:.1f}" for r in rows)
-            log(f"[{index}/{len(method_names)}] avg norm {scores} "
-                f"({time.perf_counter() - start:.0f}s)")
+            log(f"[{index}/{len(method_names)}] avg norm {scores}")
     return result
 
-
-def stderr_log(message: str) -> None:
-    """A progress line on stderr."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def run_sweep(

@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import shutil
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from acemerge.bench.suite import BuiltSuite, Progress, Suite, Task, cache_key
 from acemerge.bench.text_tasks import Example, TextTask, build_tasks
+from acemerge.io.writers import staged_output_folder
 
 Pooling = Literal["last", "mean"]
 Batch = dict[str, torch.Tensor]
@@ -263,24 +262,13 @@ def save_head(head: torch.nn.Linear, path: Path) -> None:
 
 
 def cached_build(folder: Path, build: Callable[[Path], None]) -> bool:
-    """Run ``build(staging)`` and move the staging folder to ``folder``, unless ``folder``
-    is already complete (holds ``suite.json``). Returns True when it came from the cache."""
+    """Run ``build(staging)`` in a staged folder moved to ``folder`` when it succeeds,
+    unless ``folder`` is already complete (holds ``suite.json``). Returns True when it
+    came from the cache."""
     if (folder / "suite.json").is_file():
         return True
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_output_folder(folder, overwrite=True) as staging:
         build(staging)
-        if (folder / "suite.json").is_file():  # another process finished first
-            shutil.rmtree(staging)
-            return True
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return False
 
 
@@ -384,28 +372,28 @@ class BuiltTextSuite(BuiltSuite):
         paths = [folder / f"task{t}.safetensors" for t in range(len(self.tasks))]
         if all(p.is_file() for p in paths):
             return TensorStatistics.load(paths)
-        per_task = [{kind: self._task_statistics(t, kind, limits.get(kind), batch_size,
-                                                 options)
-                     for kind in kinds}
-                    for t in range(len(self.tasks))]
-        stats = TensorStatistics(per_task)
-        staging = folder.parent / f".{tag}.tmp-{os.getpid()}"
-        stats.save(staging)
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
+        stats = TensorStatistics([self._task_statistics(t, kinds, limits, batch_size, options)
+                                  for t in range(len(self.tasks))])
+        with staged_output_folder(folder, overwrite=True) as staging:
+            stats.save(staging)
         return stats
 
-    def _task_statistics(self, task: int, kind: str, limit: int | None, batch_size: int,
-                         options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _task_statistics(self, task: int, kinds: tuple[str, ...], limits: dict[str, int],
+                         batch_size: int, options: dict[str, Any]
+                         ) -> dict[str, dict[str, torch.Tensor]]:
+        """One expert's statistics of each kind, on the first ``limits[kind]`` examples of
+        its training data; keyed by encoder names."""
         from acemerge.statistics import collect_statistics
 
         expert = load_file(str(self.expert_dirs[task] / "model.safetensors"))
         model = self.classifier(expert, task)
-        batches = self.encoded(task, "train").in_order(batch_size, limit)
-        raw = collect_statistics(model, batches, (kind,), **options)[kind]
-        prefix = "encoder."
-        return {name.removeprefix(prefix): t for name, t in raw.items()
-                if name.startswith(prefix)}
+        out = {}
+        for kind in kinds:
+            batches = self.encoded(task, "train").in_order(batch_size, limits.get(kind))
+            raw = collect_statistics(model, batches, (kind,), **options)[kind]
+            out[kind] = {name.removeprefix("encoder."): t for name, t in raw.items()
+                         if name.startswith("encoder.")}
+        return out
 
 
 def tasks_of_info(info: dict[str, Any]) -> list[Task]:
