@@ -459,10 +459,6 @@ class DigitsBuilt(BuiltSuite):
                                 for chunk in pixels.split(EVAL_CHUNK)])
         return float((logits.argmax(-1) == labels).float().mean())
 
-    def evaluate_all(self, encoder: dict[str, Tensor], split: str = "test") -> list[float]:
-        """:meth:`evaluate` on every task."""
-        return [self.evaluate(encoder, t, split) for t in range(len(self.tasks))]
-
     @property
     def from_cache(self) -> bool:
         """Whether this build loaded the models from the cache (trained nothing)."""

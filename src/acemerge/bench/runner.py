@@ -88,7 +88,7 @@ class Benchmark:
 
     def score(self, encoder: dict[str, torch.Tensor], split: str = "test") -> list[float]:
         """Accuracy of ``encoder`` on every task."""
-        return [self.built.evaluate(encoder, t, split) for t in range(self.n_tasks)]
+        return self.built.evaluate_all(encoder, split)
 
     def normalized(self, accuracy: list[float]) -> list[float]:
         """Merged accuracy over expert accuracy, per task (1.0 = the expert's)."""

@@ -68,6 +68,11 @@ class BuiltSuite(ABC):
         """Accuracy in [0, 1] of ``encoder`` with task ``task``'s head on ``split``
         (``"val"``: held out from the task's training data; ``"test"``)."""
 
+    def evaluate_all(self, encoder: dict[str, torch.Tensor], split: str = "test"
+                     ) -> list[float]:
+        """:meth:`evaluate` on every task, in task order."""
+        return [self.evaluate(encoder, t, split) for t in range(len(self.tasks))]
+
     @abstractmethod
     def statistics(self, kinds: Iterable[str]) -> object:
         """A StatisticsProvider with per-task ``grams``/``fishers`` of the experts' encoders,

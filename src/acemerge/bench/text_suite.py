@@ -350,11 +350,6 @@ class BuiltTextSuite(BuiltSuite):
             return accuracy(self.classifier(encoder, task), self.encoded(task, split),
                             self.eval_batch_size, self.eval_bf16)
 
-    def evaluate_all(self, encoder: dict[str, torch.Tensor], split: str = "test"
-                     ) -> list[float]:
-        """Accuracy on every task, in task order."""
-        return [self.evaluate(encoder, t, split) for t in range(len(self.tasks))]
-
     def statistics(self, kinds: Iterable[str], *, gram_examples: int = 1024,
                    fisher_examples: int = 256, batch_size: int = 32, **options: Any) -> Any:
         """A TensorStatistics of the experts' encoders (with their heads), keyed by the

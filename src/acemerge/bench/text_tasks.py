@@ -195,14 +195,12 @@ def split_units(units: tuple[Unit, ...], seed: int) -> dict[str, list[Unit]]:
     return out
 
 
-def pretraining_texts(seed: int = 0, reference: bool = True) -> list[str]:
+def pretraining_texts(seed: int = 0) -> list[str]:
     """Unlabelled text for language-model pretraining: the train split's docstrings (one
-    string each) and, when ``reference``, the prose of ``pydoc_data.topics`` (the language
-    reference shipped with Python; skipped where absent)."""
+    string each) and the prose of ``pydoc_data.topics`` (the language reference shipped
+    with Python; skipped where absent)."""
     texts = [" ".join(u.sentences) for u in split_units(load_units(), seed)["train"]]
-    if reference:
-        texts += _reference_paragraphs()
-    return texts
+    return texts + _reference_paragraphs()
 
 
 def _reference_paragraphs() -> list[str]:
@@ -344,25 +342,6 @@ def _order(units: list[Unit], n: int, rng: random.Random) -> list[Example]:
     return _balanced([swapped, in_order], n, rng)
 
 
-def _same_module(units: list[Unit], n: int, rng: random.Random) -> list[Example]:
-    pool = _sentences(units)
-    by_module: dict[str, list[tuple[Unit, str]]] = {}
-    for unit, sentence in pool:
-        by_module.setdefault(unit.module, []).append((unit, sentence))
-    rng.shuffle(pool)
-    half = len(pool) // 2
-    same, different = [], []
-    for unit, a in pool[:half]:
-        other, b = rng.choice(by_module[unit.module])
-        if other is not unit:
-            same.append(Example(a, 1, b))
-    for unit, a in pool[half:]:
-        other, b = rng.choice(pool)
-        if other.topic != unit.topic:
-            different.append(Example(a, 0, b))
-    return _balanced([different, same], n, rng)
-
-
 def _entailment(units: list[Unit], n: int, rng: random.Random) -> list[Example]:
     pool = [s for _, s in _sentences(units) if len(s.split()) >= 8]
     rng.shuffle(pool)
@@ -401,13 +380,11 @@ _SPECS: dict[str, _Spec] = {
     "next": _Spec("B directly follows A in one docstring (1) or is a sentence of another "
                   "docstring (0)", 2, True, _next_sentence),
     "order": _Spec("consecutive sentences A, B in order (1) or swapped (0)", 2, True, _order),
-    "same_module": _Spec("A and B from different docstrings of one module (1) or from "
-                         "modules of different topics (0)", 2, True, _same_module),
     "entailment": _Spec("B is a span of A (1) or of another sentence (0)", 2,
                         True, _entailment),
 }
-#: The suites' tasks (``same_module`` is built on demand only: too hard for small models).
-TASK_NAMES: tuple[str, ...] = tuple(name for name in _SPECS if name != "same_module")
+#: The suites' tasks.
+TASK_NAMES: tuple[str, ...] = tuple(_SPECS)
 TINY_TASK_NAMES: tuple[str, ...] = ("acceptability", "literal", "summary")
 
 
