@@ -128,17 +128,17 @@ def pretrain(recipe: Gpt2Recipe, tokenizer: Any, texts: list[str], seed: int,
     schedule = linear_schedule(optimizer, recipe.lm_steps, 0.05)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(recipe.lm_steps):
-        batch = blocks[torch.randint(len(blocks), (recipe.lm_batch,), generator=generator)]
-        with quiet_transformers():  # "loss_type=None ... unrecognized", once
+    with quiet_transformers():  # its "loss_type=None ... unrecognized" on the first step
+        for step in range(recipe.lm_steps):
+            batch = blocks[torch.randint(len(blocks), (recipe.lm_batch,), generator=generator)]
             loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 250 == 0 or step == recipe.lm_steps - 1:
-            log(f"pretrain step {step + 1}/{recipe.lm_steps} loss {loss.item():.3f}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            if step % 250 == 0 or step == recipe.lm_steps - 1:
+                log(f"pretrain step {step + 1}/{recipe.lm_steps} loss {loss.item():.3f}")
     return model.transformer.eval()
 
 
