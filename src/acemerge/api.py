@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from acemerge.io.writers import (
     ShardedSafetensorsWriter,
     TensorSpec,
     check_output_folder,
+    check_output_is_not_input,
     staged_output_folder,
 )
 from acemerge.plan import Plan, build_plan
@@ -127,15 +129,23 @@ def merge_from_config(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     observer: Observer | None = None,
     statistics: StatisticsProvider | None = None,
+    other_inputs: Iterable[str | os.PathLike] = (),
 ) -> MergeResult:
-    """Run a validated config into ``out`` (written to a staging folder, then moved)."""
+    """Run a validated config into ``out`` (written to a staging folder, then moved).
+
+    ``out`` may not be, contain or lie inside any input (checkpoints, statistics files,
+    ``other_inputs`` such as the config file), whatever ``overwrite`` says.
+    """
     import time
 
     out = Path(out)
-    check_output_folder(out, overwrite)
-    statistics = statistics or cfg.load_statistics()
     start = time.perf_counter()
     base, experts = open_inputs(cfg)
+    inputs = [*base.sources(), *(p for e in experts for p in e.sources()),
+              *map(Path, cfg.statistics), *map(Path, other_inputs)]
+    check_output_is_not_input(out, inputs)
+    check_output_folder(out, overwrite)
+    statistics = statistics or cfg.load_statistics()
     plan = plan_for(cfg, base)
     out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     specs = [

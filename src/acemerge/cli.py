@@ -152,7 +152,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not args.out:
         raise AceMergeError("--out is required")
     result = merge_from_config(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet,
-                               max_shard_bytes=parse_size(args.max_shard_size))
+                               max_shard_bytes=parse_size(args.max_shard_size),
+                               other_inputs=[args.config] if args.config else [])
     if not args.quiet:
         print(f"merged {len(result.plan.entries)} parameters with {cfg.merge_method} "
               f"in {result.seconds:.1f} s -> {result.out}")

@@ -38,6 +38,12 @@ class Checkpoint(ABC):
     label: str
     folder: Path | None = None
     config: dict | None = None
+    #: The files the tensors are read from (none for an in-memory state dict).
+    files: tuple[Path, ...] = ()
+
+    def sources(self) -> list[Path]:
+        """The files and folder this checkpoint is read from (empty for memory)."""
+        return [*([self.folder] if self.folder is not None else []), *self.files]
 
     @abstractmethod
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -79,7 +85,7 @@ class SafetensorsCheckpoint(Checkpoint):
     """One or more safetensors files (a sharded folder has an index)."""
 
     def __init__(self, files: list[Path], label: str, folder: Path | None = None) -> None:
-        self.label, self.folder = label, folder
+        self.label, self.folder, self.files = label, folder, tuple(files)
         self._file_of: dict[str, Path] = {}
         self._specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for path in files:
@@ -100,7 +106,7 @@ class TorchFileCheckpoint(Checkpoint):
     """Pickled PyTorch state dicts (``.bin``/``.pt``), loaded with ``weights_only=True``."""
 
     def __init__(self, files: list[Path], label: str, folder: Path | None = None) -> None:
-        self.label, self.folder = label, folder
+        self.label, self.folder, self.files = label, folder, tuple(files)
         self.tensors: dict[str, torch.Tensor] = {}
         for path in files:
             self.tensors.update(load_torch_state_dict(path))

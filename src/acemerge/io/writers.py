@@ -15,7 +15,7 @@ import json
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -142,6 +142,27 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
         raise AceMergeError(f"{out}: output exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AceMergeError(f"{out}: output folder exists and is not empty (use --overwrite)")
+
+
+def check_output_is_not_input(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output that is, contains or lies inside an input, whatever the flags.
+
+    Paths are compared after resolving symlinks and ``..``; ``--overwrite`` would otherwise
+    delete the input, and a staging folder inside an input would write into it.
+    """
+    target = Path(out).expanduser().resolve()
+    for source in inputs:
+        resolved = Path(source).expanduser().resolve()
+        if target == resolved:
+            relation = "is"
+        elif resolved.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(resolved):
+            relation = "lies inside"
+        else:
+            continue
+        raise AceMergeError(f"{out}: the output {relation} the input {source}; "
+                            "choose another output folder (inputs are never overwritten)")
 
 
 @contextlib.contextmanager
