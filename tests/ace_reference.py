@@ -19,7 +19,7 @@ def gamma_of(deltas: list[np.ndarray]) -> float:
 
 def ace_reference(
     deltas: list[np.ndarray],
-    eps: float = 1e-5,
+    eps: float | list[float] = 1e-5,
     tau: float = 0.3,
     k_frac: float = 0.3,
     adaptive: bool = True,
@@ -32,16 +32,18 @@ def ace_reference(
     ones_out, ones_in, eye = np.ones(d_out), np.ones(d_in), np.eye(d_in)
     energies = np.array([np.trace(d.T @ d) for d in deltas])  # Eq. 12 / A.4
     het = gamma_of(deltas) > tau
+    eps_of = list(eps) if isinstance(eps, list | tuple) else [eps] * n_tasks  # per task
 
     centered = [d - np.outer(ones_out, d.T @ ones_out / d_out) for d in deltas]  # Eq. 5
     sigma = [w.T @ w for w in centered]  # Eq. 6
     if het and adaptive:
         traces = [np.trace(s) + FLOOR for s in sigma]
         sigma_tilde = [s / tr for s, tr in zip(sigma, traces, strict=True)]  # Eq. 8
-        sigma_reg = [st + (eps / tr) * eye for st, tr in zip(sigma_tilde, traces, strict=True)]
+        sigma_reg = [st + (e / tr) * eye
+                     for st, tr, e in zip(sigma_tilde, traces, eps_of, strict=True)]
     else:
         sigma_tilde = sigma
-        sigma_reg = [s + eps * eye for s in sigma]  # Eq. 10
+        sigma_reg = [s + e * eye for s, e in zip(sigma, eps_of, strict=True)]  # Eq. 10
 
     c = (ones_in @ sum(sigma_tilde)) / d_in  # Eq. 11
     c_agg = np.outer(ones_in, c)

@@ -174,7 +174,7 @@ def _run(
     statistics: StatisticsProvider | None = None,
 ) -> list[MergeStep]:
     method = methods.get(cfg.merge_method)
-    params = method.validate(cfg.parameters)
+    params = method.for_model(method.validate(cfg.parameters), base.config)
     plan = plan or plan_for(cfg, base)
     return merge_stream(
         base, experts, method, params, plan, emit,

@@ -40,15 +40,15 @@ def write_model_folder_extras(
                 if path.is_file():
                     shutil.copy2(path, folder / path.name)
     (folder / CONFIG_FILE).write_text(cfg.to_yaml())
-    (folder / "README.md").write_text(model_card(cfg, plan))
+    (folder / "README.md").write_text(model_card(cfg, plan, base.config))
 
 
-def model_card(cfg: MergeConfig, plan: Plan) -> str:
-    """A Hugging Face model card naming the method, its parameters and the inputs."""
+def model_card(cfg: MergeConfig, plan: Plan, model_config: dict | None = None) -> str:
+    """A Hugging Face model card naming the method, its resolved parameters and the inputs."""
     from acemerge import methods
 
     method = methods.get(cfg.merge_method)
-    params = method.validate(cfg.parameters).model_dump()
+    params = method.for_model(method.validate(cfg.parameters), model_config).model_dump()
     counts = plan.counts()
     lines = [
         "---",

@@ -15,13 +15,16 @@ task vectors; k = int(r * k_frac); a pseudo-inverse if the linear solve fails.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from acemerge.errors import AceMergeError
 from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.shrinkage import auto_ridge_ratio
 
 Tensor = torch.Tensor
 
@@ -44,16 +47,46 @@ ABLATIONS: dict[str, dict[str, bool]] = {
 
 
 class AceParams(MethodParams):
-    """ACE-Merging's parameters; defaults are the paper's (Sec. 5.1)."""
+    """ACE-Merging's parameters; defaults are the paper's (Sec. 5.1).
 
-    eps: float = Field(
+    Beyond the paper (named options, off by default): ``eps_mode=relative`` makes eps a
+    multiple of each task's mean proxy eigenvalue, ``eps=auto`` computes that multiple per
+    layer and task with ``auto_rule``, ``eps=paper`` takes the paper's per-model value
+    from the base's config.json, and ``heterogeneity=log_std`` is a scale-free branch test.
+    """
+
+    eps: float | Literal["auto", "paper"] = Field(
         default=1e-5,
-        ge=0,
-        description="Tikhonov strength; a number or a preset: " + ", ".join(
-            f"{k}={v:g}" for k, v in EPS_PRESETS.items()
-        ),
+        description="Tikhonov strength: a number >= 0, auto (per layer and task, see "
+        "auto_rule), paper (the paper's per-model value, from config.json) or a preset: "
+        + ", ".join(f"{k}={v:g}" for k, v in EPS_PRESETS.items()),
+    )
+    eps_mode: Literal["absolute", "relative"] = Field(
+        default="absolute",
+        description="absolute (paper): eps is added as is; relative: eps is rho, the ridge "
+        "is rho * tr(S_t) / d_in (the task's mean eigenvalue), the same for every model",
+    )
+    auto_rule: Literal["ledoit_wolf", "oas", "mp_edge"] = Field(
+        default="ledoit_wolf",
+        description="eps=auto: Ledoit-Wolf or OAS shrinkage of the rows of C_t, or the "
+        "Marchenko-Pastur noise edge",
+    )
+    eps_fallback: float | None = Field(
+        default=None, ge=0,
+        description="eps=auto where the estimate is undefined (zero task vector, d_out = 1); "
+        "None: the paper's eps for the model (1e-5 without a config)",
     )
     tau: float = Field(default=0.3, ge=0, description="heterogeneity threshold on gamma")
+    heterogeneity: Literal["gamma", "log_std"] = Field(
+        default="gamma",
+        description="branch statistic: gamma (Eq. 7, paper) or log_std, the sample std of "
+        "ln e_t (scale-free), compared with tau_log_std",
+    )
+    tau_log_std: float = Field(
+        default=1.0, ge=0,
+        description="heterogeneity=log_std: threshold in nats (1.0: energies spread by a "
+        "factor e)",
+    )
     k_frac: float = Field(default=0.3, gt=0, le=1, description="spectral rank fraction")
     adaptive_normalization: bool = Field(default=True, description="Eqs. 8-9, 13 (E2)")
     collective_prior: bool = Field(default=True, description="Eqs. 11-13 (E3)")
@@ -81,25 +114,53 @@ class AceParams(MethodParams):
     @field_validator("eps", mode="before")
     @classmethod
     def _eps_preset(cls, value: object) -> object:
-        if isinstance(value, str):
+        if isinstance(value, str) and value not in ("auto", "paper"):
             if value in EPS_PRESETS:
                 return EPS_PRESETS[value]
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ValueError(
-                    f"not a number or a preset ({', '.join(EPS_PRESETS)})"
+                    f"not a number, auto, paper or a preset ({', '.join(EPS_PRESETS)})"
                 ) from None
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ValueError("must be >= 0")
         return value
+
+
+def paper_eps(model_config: dict | None) -> float:
+    """The paper's eps for a model (Sec. 5.1): GPT-2 4e-2, RoBERTa-base 2e-4, else 1e-5.
+
+    RoBERTa-base is told from its config: model_type roberta, 12 layers, width 768.
+    """
+    config = model_config or {}
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type == "gpt2":
+        return EPS_PRESETS["gpt2"]
+    if (model_type == "roberta" and config.get("num_hidden_layers") == 12
+            and config.get("hidden_size") == 768):
+        return EPS_PRESETS["roberta-base"]
+    return EPS_PRESETS["default"]
+
+
+def resolve_for_model(params: AceParams, model_config: dict | None) -> AceParams:
+    """Fill in what depends on the model: eps=paper, and eps=auto's fallback."""
+    updates: dict[str, object] = {}
+    if params.eps == "paper":
+        updates["eps"] = paper_eps(model_config)
+    if params.eps == "auto" and params.eps_fallback is None:
+        updates["eps_fallback"] = paper_eps(model_config)
+    return params.model_copy(update=updates) if updates else params
 
 
 @dataclass(frozen=True)
 class Heterogeneity:
-    """Per-layer statistics of Stage 1: task energies, gamma and the branch taken."""
+    """Per-layer statistics of Stage 1: task energies, gamma, log_std and the branch taken."""
 
     energies: Tensor
     gamma: float
     heterogeneous: bool
+    log_std: float = 0.0
 
 
 def task_energies(task_vectors: list[Tensor]) -> Tensor:
@@ -115,11 +176,52 @@ def heterogeneity_gamma(energies: Tensor) -> float:
     return float(logs.var(unbiased=True) / (logs.mean() ** 2 + LOG_FLOOR))
 
 
-def heterogeneity(task_vectors: list[Tensor], tau: float = 0.3) -> Heterogeneity:
-    """Stage 1 of Algorithm 1: energies, gamma and whether gamma > tau."""
+def heterogeneity_log_std(energies: Tensor) -> float:
+    """Sample std of ln e_t (unbiased): scale-free, unlike gamma, whose denominator
+    (Mean ln e_t)^2 vanishes when the energies are near 1."""
+    if energies.numel() < 2:
+        return 0.0
+    return float(torch.log(energies.double() + LOG_FLOOR).std(unbiased=True))
+
+
+def heterogeneity(task_vectors: list[Tensor], tau: float = 0.3, statistic: str = "gamma",
+                  tau_log_std: float = 1.0) -> Heterogeneity:
+    """Stage 1 of Algorithm 1: energies, gamma and whether gamma > tau (or, with
+    ``statistic="log_std"``, whether log_std > tau_log_std)."""
     energies = task_energies(task_vectors)
-    gamma = heterogeneity_gamma(energies)
-    return Heterogeneity(energies=energies, gamma=gamma, heterogeneous=gamma > tau)
+    gamma, log_std = heterogeneity_gamma(energies), heterogeneity_log_std(energies)
+    heterogeneous = log_std > tau_log_std if statistic == "log_std" else gamma > tau
+    return Heterogeneity(energies=energies, gamma=gamma, heterogeneous=heterogeneous,
+                         log_std=log_std)
+
+
+def task_ridge(centered: Tensor, proxy: Tensor, params: AceParams) -> float:
+    """The ridge added to task t's raw proxy C_t^T C_t (Eq. 10's eps; Eq. 9 divides it by
+    the trace): eps as given, rho * mean eigenvalue (relative), or eps=auto's estimate."""
+    d_in = proxy.shape[0]
+    mean_eigenvalue = float(torch.trace(proxy)) / d_in
+    if params.eps == "auto":
+        rho = auto_ridge_ratio(params.auto_rule, centered, proxy)
+        if rho is None:
+            _warn_once(f"eps=auto is undefined for a layer of shape {tuple(centered.shape)} "
+                       f"(zero task vector or d_out = 1): eps {params.eps_fallback:g} used")
+            return float(params.eps_fallback or 0.0)
+        return rho * mean_eigenvalue
+    if params.eps == "paper":
+        raise AceMergeError("eps=paper is resolved from the base model's config.json: merge "
+                            "through acemerge.merge / merge_state_dicts(config=...)")
+    return params.eps * mean_eigenvalue if params.eps_mode == "relative" else params.eps
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a message once per process (the first layer where it happens)."""
+    key = message.split(" for a layer")[0]
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logging.getLogger("acemerge").warning("ace: %s (said once)", message)
 
 
 def times_gram(left: Tensor, centered: Tensor) -> Tensor:
@@ -156,7 +258,8 @@ def singular_triplets(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     """Algorithm 1 for one (d_out, d_in) weight: returns the merged task vector."""
     dtype = compute_dtype_of(task_vectors[0])
-    stats = heterogeneity(task_vectors, params.tau)  # Eq. 7
+    stats = heterogeneity(task_vectors, params.tau, params.heterogeneity,
+                          params.tau_log_std)  # Eq. 7
     normalize = stats.heterogeneous and params.adaptive_normalization
     refine = stats.heterogeneous and params.spectral_refinement
 
@@ -172,11 +275,12 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
         delta = tv.to(dtype)
         centered = delta - delta.mean(dim=0, keepdim=True)  # Eq. 5: mean over the d_out axis
         proxy = centered.T @ centered  # Eq. 6: Sigma^_t
+        ridge = task_ridge(centered, proxy, params)  # eps (paper), or relative / auto
         if normalize:
             trace = torch.trace(proxy) + LOG_FLOOR
-            scale, eps_t = 1.0 / trace, params.eps / trace  # Eqs. 8, 9
+            scale, eps_t = 1.0 / trace, ridge / trace  # Eqs. 8, 9
         else:
-            scale, eps_t = 1.0, params.eps  # Eq. 10
+            scale, eps_t = 1.0, ridge  # Eq. 10
         scaled = proxy * scale  # Sigma~_t (Eq. 15)
         sum_reg += scaled + eps_t * eye  # Sigma_t,reg
         numerator += times_gram(centered, centered) * scale + eps_t * centered  # W~_t Sigma_t,reg
@@ -208,6 +312,7 @@ METHOD = register(
         name="ace",
         params=AceParams,
         matrix_rule=ace_matrix,
+        resolve=resolve_for_model,
         paper="ACE-Merging, arXiv 2603.02945 (CVPR 2026)",
         summary="closed-form merge with task covariances estimated from the task vectors",
     )

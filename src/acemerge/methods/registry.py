@@ -66,6 +66,9 @@ class Method:
     #: Statistics a data-dependent method needs, per task, for matrices / other parameters.
     matrix_needs: tuple[str, ...] = ()
     other_needs: tuple[str, ...] = ()
+    #: Parameters that depend on the model (e.g. ACE's eps=paper), filled in from the base's
+    #: config.json (None when there is none) before merging.
+    resolve: Callable[[Any, dict | None], MethodParams] | None = None
 
     def validate(self, params: dict[str, Any] | None = None) -> MethodParams:
         """Check ``params`` against the method's parameter model (one-line error)."""
@@ -73,6 +76,10 @@ class Method:
             return self.params(**(params or {}))
         except ValidationError as exc:
             raise AceMergeError(describe_validation_error(self.name, exc, self.params)) from None
+
+    def for_model(self, params: MethodParams, model_config: dict | None) -> MethodParams:
+        """``params`` with whatever depends on the model resolved (see ``resolve``)."""
+        return self.resolve(params, model_config) if self.resolve is not None else params
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -110,7 +117,7 @@ class Method:
         Data-dependent methods take their statistics as keywords too (``grams=[...]``).
         """
         stats = {kind: params.pop(kind) for kind in self.needs if kind in params}
-        validated = self.validate(params)
+        validated = self.for_model(self.validate(params), None)
         return self.apply(task_vectors, validated, matrix=task_vectors[0].dim() == 2,
                           stats=stats)
 
