@@ -64,6 +64,9 @@ class ToySuite(BuiltSuite):
         x, y = self.data[task][split]
         return float((self.heads[task](encoder(enc, x)).argmax(1) == y).float().mean())
 
+    def n_examples(self, task, split="test"):
+        return len(self.data[task][split][1])
+
     def statistics(self, kinds):
         raise NotImplementedError
 
@@ -147,3 +150,51 @@ def test_bench_command_on_tiny_digits_writes_reports(tmp_path, capsys):
     base = saved["rows"][0]["accuracy"]
     assert all(e > b for e, b in zip(experts, base, strict=True))
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.csv", "gamma.png"}
+
+
+def test_standard_errors_are_binomial_per_task_combined_over_tasks():
+    from acemerge.bench.runner import Row
+
+    row = Row("r", "ace", {}, 1.0, accuracy=[0.8, 0.5], normalized=[0.8 / 0.9, 0.5 / 0.5],
+              n_test=[100, 400])
+    se_acc = [(0.8 * 0.2 / 100) ** 0.5, (0.5 * 0.5 / 400) ** 0.5]
+    assert row.se_mean_accuracy == pytest.approx((se_acc[0] ** 2 + se_acc[1] ** 2) ** 0.5 / 2)
+    se_norm = [se_acc[0] / 0.9, se_acc[1] / 0.5]
+    assert row.se_mean_normalized == pytest.approx((se_norm[0] ** 2 + se_norm[1] ** 2) ** 0.5 / 2)
+
+
+def test_wins_count_only_differences_beyond_two_standard_errors():
+    from acemerge.bench.report import markdown_table, wins
+    from acemerge.bench.runner import BenchResult, Row
+
+    def row(label, acc, method="m"):
+        return Row(label, method, {}, None, accuracy=[acc], normalized=[acc], n_test=[400])
+
+    # SE of one task at 0.5 with n=400 is 0.025; the difference's SE ~0.035, 2 SE ~0.071
+    result = BenchResult("s", ["t"], [row("ref", 0.1, method=None), row("a", 0.60),
+                                       row("b", 0.55), row("c", 0.45)])
+    assert wins(result) == {1: 1, 2: 0, 3: 0}
+    assert "± 2.5" in markdown_table(result)
+
+
+def test_eps_study_rows_and_figure(toy, tmp_path):
+    from acemerge.bench.eps_study import (
+        ABSOLUTE_GRID,
+        AUTO_RULES,
+        RELATIVE_GRID,
+        plot_eps_study,
+        run_eps_study,
+    )
+
+    study = run_eps_study(toy, compared=("tsv",), tune=False)
+    labels = [r.label for r in study.main.rows]
+    assert "ace (paper default eps=1e-05)" in labels and "ace eps=paper (= 1e-05)" in labels
+    assert all(f"ace eps=auto ({rule})" in labels for rule in AUTO_RULES)
+    assert len(study.sweeps.rows) == len(ABSOLUTE_GRID) + len(RELATIVE_GRID)
+    oracle = next(r for r in study.main.rows if r.label.startswith("ace oracle-best"))
+    absolute = [r for r in study.sweeps.rows if "eps_mode" not in r.params]
+    assert oracle.mean_normalized == max(r.mean_normalized for r in absolute)
+    assert "ORACLE" in oracle.note and labels[-1] == "tsv"
+    assert all(rho > 0 for rho in study.auto_rho.values())
+    plot_eps_study(study, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 10_000

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method parameter (repeat)")
     b.add_argument("--sweep", metavar="METHOD.KEY=V1,V2,...",
                    help="one row per value (KEY may be scale; ace.ablation=E1,E2,E3,E4)")
+    b.add_argument("--eps-study", action="store_true",
+                   help="ACE's eps study: paper default, eps=paper, eps=auto rules, relative "
+                   "and absolute sweeps, oracle-best eps, and the compared methods")
     b.add_argument("--no-tune", action="store_true", help="skip the validation-tuned lambda rows")
     b.add_argument("--tiny", action="store_true", help="the small CI variant of the suite")
     b.add_argument("--seed", type=int, default=0)
@@ -179,6 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Build (or reuse) the fastest suite and merge it with every data-free method."""
     return cmd_bench(argparse.Namespace(
         suite="digits", methods=None, data_free=True, set=[], sweep=None, no_tune=False,
+        eps_study=False,
         tiny=False, seed=0, cache=None, out=args.out, quiet=False))
 
 
@@ -205,7 +209,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     print(run_bench_command(built, args.methods, args.data_free,
                             parse_method_settings(args.set), args.sweep, not args.no_tune, out,
-                            progress=not args.quiet))
+                            progress=not args.quiet, eps_study=args.eps_study))
     return 0
 
 

@@ -48,10 +48,13 @@ def suite_figures(built: BuiltSuite, out: Path) -> list[Path]:
 
 def run_bench_command(built: BuiltSuite, names: str | None, data_free: bool,
                       settings: dict[str, dict[str, Any]], sweep: str | None, tune: bool,
-                      out: Path | None, progress: bool = False) -> str:
+                      out: Path | None, progress: bool = False, eps_study: bool = False
+                      ) -> str:
     """Run the benchmark (or a sweep), write the reports, return the markdown table."""
     for method, params in settings.items():
         methods.get(method).validate(params)
+    if eps_study:
+        return run_eps_study_command(built, tune, out, progress)
     if sweep:
         method, key, values = parse_sweep(sweep)
         result: BenchResult = run_sweep(built, method, key, values, settings.get(method))
@@ -65,5 +68,24 @@ def run_bench_command(built: BuiltSuite, names: str | None, data_free: bool,
         paths = write_report(result, out, stem)
         if not sweep:
             paths += suite_figures(built, out)
+        text += "\n" + "\n".join(f"wrote {p}" for p in paths) + "\n"
+    return text
+
+
+def run_eps_study_command(built: BuiltSuite, tune: bool, out: Path | None,
+                          progress: bool) -> str:
+    """ACE's eps study (bench/eps_study.py): two tables, and a figure under ``out``."""
+    from acemerge.bench.eps_study import plot_eps_study, run_eps_study
+
+    study = run_eps_study(built, tune=tune, log=Progress("eps-study", progress))
+    rhos = ", ".join(f"{rule} {rho:.3g}" for rule, rho in study.auto_rho.items())
+    text = (f"## {built.name}: ACE eps study\n\n{markdown_table(study.main)}\n\n"
+            f"Median rho chosen by eps=auto: {rhos}.\n\n### Sweeps\n\n"
+            f"{markdown_table(study.sweeps)}\n")
+    if out is not None:
+        paths = write_report(study.main, out, "eps_study")
+        paths += write_report(study.sweeps, out, "eps_sweeps")
+        paths.append(out / "eps_study_curve.png")
+        plot_eps_study(study, paths[-1])
         text += "\n" + "\n".join(f"wrote {p}" for p in paths) + "\n"
     return text

@@ -451,6 +451,9 @@ class DigitsBuilt(BuiltSuite):
         self._model.load_state_dict(encoder, strict=True)
         return self._model
 
+    def n_examples(self, task: int, split: str = "test") -> int:
+        return int(self.inputs(task, split)[1].numel())
+
     def evaluate(self, encoder: dict[str, Tensor], task: int, split: str = "test") -> float:
         pixels, labels = self.inputs(task, split)
         model, head = self._encoder_with(encoder), self.head(task)

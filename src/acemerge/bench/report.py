@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 from acemerge.bench.runner import BenchResult, Row
@@ -13,15 +14,41 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
+def _with_se(value: float, se: float) -> str:
+    return f"{100 * value:.1f} ± {100 * se:.1f}"
+
+
+def beats(a: Row, b: Row) -> bool:
+    """Whether ``a``'s mean normalized accuracy exceeds ``b``'s by more than two standard
+    errors of the difference (independent errors: conservative for paired test sets)."""
+    se = math.hypot(a.se_mean_normalized, b.se_mean_normalized)
+    return a.mean_normalized - b.mean_normalized > 2 * se
+
+
+def wins(result: BenchResult) -> dict[int, int]:
+    """Per merged row (by index): how many other merged rows it beats beyond 2 SE."""
+    merged = [i for i, r in enumerate(result.rows) if r.method is not None]
+    return {i: sum(beats(result.rows[i], result.rows[j]) for j in merged if j != i)
+            for i in merged}
+
+
 def markdown_table(result: BenchResult) -> str:
-    """Accuracy per task (%), average accuracy and average normalized accuracy."""
-    head = ["method", *result.tasks, "avg acc", "avg norm", "lambda", "note"]
+    """Accuracy per task (%), average accuracy and average normalized accuracy, each average
+    with its standard error, and the wins beyond 2 SE among the merged rows."""
+    head = ["method", *result.tasks, "avg acc ± SE", "avg norm ± SE", "wins", "lambda", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in result.rows:
+    won = wins(result)
+    for index, row in enumerate(result.rows):
         scale = "" if row.scale is None else f"{row.scale:g}"
-        cells = [row.label, *map(_pct, row.accuracy), _pct(row.mean_accuracy),
-                 _pct(row.mean_normalized), scale, row.note]
+        cells = [row.label, *map(_pct, row.accuracy),
+                 _with_se(row.mean_accuracy, row.se_mean_accuracy),
+                 _with_se(row.mean_normalized, row.se_mean_normalized),
+                 str(won[index]) if index in won else "", scale, row.note]
         lines.append("| " + " | ".join(cells) + " |")
+    merged_count = len(won)
+    lines.append(f"\nSE: binomial per task, combined over tasks. wins: of the other "
+                 f"{max(merged_count - 1, 0)} merged rows, how many this row beats by more "
+                 "than 2 SE of the difference; smaller differences are ties.")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ task's training data.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ import torch
 from acemerge import methods
 from acemerge.api import merge_state_dicts
 from acemerge.bench.suite import BuiltSuite
+from acemerge.engine import Observer
 from acemerge.io.readers import open_checkpoint
 
 #: Methods whose papers tune lambda on validation data (reported default and tuned).
@@ -43,6 +45,8 @@ class Row:
     normalized: list[float]
     note: str = ""
     seconds: float = 0.0
+    #: Test examples per task (for binomial standard errors; empty: unknown).
+    n_test: list[int] = field(default_factory=list)
 
     @property
     def mean_accuracy(self) -> float:
@@ -51,6 +55,25 @@ class Row:
     @property
     def mean_normalized(self) -> float:
         return sum(self.normalized) / len(self.normalized)
+
+    def _task_errors(self) -> list[float]:
+        """Binomial standard error of each task's accuracy, sqrt(a (1 - a) / n)."""
+        return [math.sqrt(a * (1 - a) / n) if n else 0.0
+                for a, n in zip(self.accuracy, self.n_test or [0] * len(self.accuracy),
+                                strict=True)]
+
+    @property
+    def se_mean_accuracy(self) -> float:
+        """Standard error of the mean accuracy: independent tasks, sqrt(sum SE_t^2) / T."""
+        return math.sqrt(sum(e * e for e in self._task_errors())) / len(self.accuracy)
+
+    @property
+    def se_mean_normalized(self) -> float:
+        """Same for the mean normalized accuracy; each task's error is divided by its
+        expert's accuracy (the normalizer is taken as fixed)."""
+        errors = [e * (n / a) if a > 0 else 0.0 for e, a, n in
+                  zip(self._task_errors(), self.accuracy, self.normalized, strict=True)]
+        return math.sqrt(sum(e * e for e in errors)) / len(errors)
 
 
 @dataclass
@@ -63,7 +86,9 @@ class BenchResult:
 
     def to_json(self) -> str:
         rows = [asdict(r) | {"mean_accuracy": r.mean_accuracy,
-                             "mean_normalized": r.mean_normalized} for r in self.rows]
+                             "mean_normalized": r.mean_normalized,
+                             "se_mean_accuracy": r.se_mean_accuracy,
+                             "se_mean_normalized": r.se_mean_normalized} for r in self.rows]
         return json.dumps({"suite": self.suite, "tasks": self.tasks, "rows": rows}, indent=2)
 
 
@@ -84,6 +109,7 @@ class Benchmark:
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else None
         self.n_tasks = len(built.tasks)
         self.expert_accuracy = [built.evaluate(self.experts[t], t) for t in range(self.n_tasks)]
+        self.n_test = [built.n_examples(t) for t in range(self.n_tasks)]
         self._stats: object | None = None
 
     def score(self, encoder: dict[str, torch.Tensor], split: str = "test") -> list[float]:
@@ -97,18 +123,18 @@ class Benchmark:
     def row(self, label: str, encoder: dict[str, torch.Tensor], **info: Any) -> Row:
         accuracy = self.score(encoder)
         return Row(label=label, accuracy=accuracy, normalized=self.normalized(accuracy),
-                   **{"method": None, "params": {}, "scale": None} | info)
+                   n_test=self.n_test, **{"method": None, "params": {}, "scale": None} | info)
 
     def reference_rows(self) -> list[Row]:
         """Zero-shot base (each task's head on the base encoder) and the experts."""
         base = self.row("base (zero-shot)", self.base)
         experts = Row(label="individual experts", method=None, params={}, scale=None,
                       accuracy=list(self.expert_accuracy),
-                      normalized=[1.0] * self.n_tasks)
+                      normalized=[1.0] * self.n_tasks, n_test=self.n_test)
         return [base, experts]
 
-    def merge(self, method: str, params: dict[str, Any], scale: float | None = None
-              ) -> tuple[dict[str, torch.Tensor], float]:
+    def merge(self, method: str, params: dict[str, Any], scale: float | None = None,
+              observer: Observer | None = None) -> tuple[dict[str, torch.Tensor], float]:
         """Merged encoder and the seconds the merge took."""
         extra = {}
         if methods.get(method).needs:
@@ -116,7 +142,7 @@ class Benchmark:
         start = time.perf_counter()
         merged = merge_state_dicts(self.base, self.experts, method=method, scale=scale,
                                    config=self.config, exclude=tuple(self.built.exclude),
-                                   device="cpu", **extra, **params)
+                                   device="cpu", observer=observer, **extra, **params)
         return merged, time.perf_counter() - start
 
     def statistics(self) -> object:

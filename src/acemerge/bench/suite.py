@@ -68,6 +68,10 @@ class BuiltSuite(ABC):
         """Accuracy in [0, 1] of ``encoder`` with task ``task``'s head on ``split``
         (``"val"``: held out from the task's training data; ``"test"``)."""
 
+    @abstractmethod
+    def n_examples(self, task: int, split: str = "test") -> int:
+        """How many examples task ``task``'s ``split`` scores (for standard errors)."""
+
     def evaluate_all(self, encoder: dict[str, torch.Tensor], split: str = "test"
                      ) -> list[float]:
         """:meth:`evaluate` on every task, in task order."""

@@ -344,6 +344,9 @@ class BuiltTextSuite(BuiltSuite):
 
     # -- the BuiltSuite interface
 
+    def n_examples(self, task: int, split: str = "test") -> int:
+        return len(self.text_tasks()[task].splits[split])
+
     def evaluate(self, encoder: dict[str, torch.Tensor], task: int, split: str = "test"
                  ) -> float:
         with torch.no_grad():
