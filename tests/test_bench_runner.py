@@ -172,7 +172,7 @@ def test_wins_count_only_differences_beyond_two_standard_errors():
 
     # SE of one task at 0.5 with n=400 is 0.025; the difference's SE ~0.035, 2 SE ~0.071
     result = BenchResult("s", ["t"], [row("ref", 0.1, method=None), row("a", 0.60),
-                                       row("b", 0.55), row("c", 0.45)])
+                                       row("b", 0.55), row("c", 0.50)])
     assert wins(result) == {1: 1, 2: 0, 3: 0}
     assert "± 2.5" in markdown_table(result)
 
