@@ -36,6 +36,12 @@ class MergeResult:
     steps: list[MergeStep]
     seconds: float
 
+    def __repr__(self) -> str:
+        counts = self.plan.counts()
+        return (f"MergeResult(out={str(self.out)!r}, parameters={len(self.plan.entries)} "
+                f"({counts['matrix']} matrix, {counts['other']} other, {counts['keep']} kept), "
+                f"seconds={self.seconds:.1f})")
+
 
 def merge_state_dicts(
     base: dict[str, torch.Tensor],

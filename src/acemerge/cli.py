@@ -4,51 +4,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Any
 
+from acemerge import __version__
 from acemerge.errors import AceMergeError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
-
-
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: bool, int, float or string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs from repeated ``--set``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise AceMergeError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = parse_value(value)
-    return out
-
-
-def parse_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``1024`` -> bytes."""
-    match = _SIZE.match(text)
-    if not match:
-        raise AceMergeError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MB)")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+from acemerge.parsing import parse_assignments, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every sub-command."""
     parser = argparse.ArgumentParser(prog="acemerge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"acemerge {__version__}")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's). On a shared machine use "
+                        "1: torch's threads collapse when another process competes")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge fine-tuned experts into their base model")
@@ -77,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    sub.add_parser("methods", help="list the merge methods with their parameters")
+    ms = sub.add_parser("methods", help="list the merge methods with their parameters")
+    ms.add_argument("name", nargs="?", help="show one method only")
 
     b = sub.add_parser("bench", help="run the offline merge benchmark on a suite")
     b.add_argument("suite", help="digits, gpt2-text or minilm")
@@ -92,16 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "and absolute sweeps, oracle-best eps, and the compared methods")
     b.add_argument("--no-tune", action="store_true", help="skip the validation-tuned lambda rows")
     b.add_argument("--tiny", action="store_true", help="the small CI variant of the suite")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--cache", help="cache folder for trained experts")
+    b.add_argument("--seed", type=int, default=0, help="training seed of the suite (default 0)")
+    b.add_argument("--cache", help="cache folder for trained experts "
+                   "(default $ACEMERGE_CACHE or ~/.cache/acemerge)")
     b.add_argument("--out", help="folder for the markdown, CSV, JSON and PNG reports")
-    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     i = sub.add_parser("inspect", help="per-layer heterogeneity of experts, with figures")
-    i.add_argument("--base", required=True)
-    i.add_argument("--expert", action="append", default=[], required=True)
-    i.add_argument("--tau", type=float, default=0.3)
-    i.add_argument("--exclude", action="append", default=[], metavar="REGEX")
+    i.add_argument("--base", required=True, help="base checkpoint: HF folder, file or hub id")
+    i.add_argument("--expert", action="append", default=[], required=True,
+                   help="an expert (repeat)")
+    i.add_argument("--tau", type=float, default=0.3,
+                   help="heterogeneity threshold on gamma (default 0.3, the paper's)")
+    i.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                   help="leave matching parameters out (repeat)")
     i.add_argument("--out", help="folder for gamma.png and spectrum.png")
 
     d = sub.add_parser("demo", help="the digits benchmark with every data-free method")
@@ -163,12 +138,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_methods(_: argparse.Namespace) -> int:
+def cmd_methods(args: argparse.Namespace) -> int:
     from acemerge import methods
 
-    for name in methods.available():
+    for name in [methods.get(args.name).name] if args.name else methods.available():
         method = methods.get(name)
-        print(f"{name}: {method.summary}")
+        title = f" ({method.title})" if method.title != name else ""
+        print(f"{name}{title}: {method.summary}")
         print(f"  paper: {method.paper}")
         print(f"  default scale: {method.default_scale:g}; non-matrix parameters: "
               f"{method.other_rule_name}")
@@ -240,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input ends with one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise AceMergeError(f"--threads must be at least 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return COMMANDS[args.command](args)
     except AceMergeError as exc:
         print(f"acemerge: error: {exc}", file=sys.stderr)

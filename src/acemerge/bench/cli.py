@@ -10,6 +10,7 @@ from acemerge.bench.report import markdown_table, write_report
 from acemerge.bench.runner import BenchResult, run_benchmark, run_sweep
 from acemerge.bench.suite import BuiltSuite, Progress
 from acemerge.errors import AceMergeError
+from acemerge.parsing import parse_value
 
 
 def choose_methods(names: str | None, data_free: bool) -> list[str]:
@@ -22,8 +23,6 @@ def choose_methods(names: str | None, data_free: bool) -> list[str]:
 
 def parse_sweep(text: str) -> tuple[str, str, list[Any]]:
     """``method.key=v1,v2`` -> (method, key, values)."""
-    from acemerge.cli import parse_value
-
     target, sep, values = text.partition("=")
     method, dot, key = target.partition(".")
     if not (sep and dot and key and values):

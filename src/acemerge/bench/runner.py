@@ -157,8 +157,8 @@ class Benchmark:
         note = "fixed defaults" if method in ("ace", "eigcov") else "default lambda"
         if method in DATA_DEPENDENT:
             note = "data-dependent reference (training-data statistics)"
-        rows = [self.row(method, merged, method=method, params=params, scale=scale,
-                         note=note, seconds=seconds)]
+        rows = [self.row(methods.get(method).title, merged, method=method, params=params,
+                         scale=scale, note=note, seconds=seconds)]
         if tune and method in TUNED_METHODS:
             rows.append(self.tuned_row(method, params, merged, scale, seconds))
         return rows
@@ -175,8 +175,8 @@ class Benchmark:
 
         val = {lam: sum(self.score(at(lam), "val")) / self.n_tasks for lam in LAMBDA_GRID}
         best = max(LAMBDA_GRID, key=lambda lam: (val[lam], -abs(lam - scale)))
-        return self.row(f"{method} (tuned)", at(best), method=method, params=params,
-                        scale=best, note=f"lambda tuned on validation: {best:g}",
+        return self.row(f"{methods.get(method).title} (tuned)", at(best), method=method,
+                        params=params, scale=best, note=f"lambda tuned on validation: {best:g}",
                         seconds=seconds)
 
 

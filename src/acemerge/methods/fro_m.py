@@ -52,6 +52,7 @@ def fro_m_rule(task_vectors: list[Tensor], params: FroMParams) -> Tensor:
 METHOD = register(
     Method(
         name="from",
+        display_name="FroM",
         params=FroMParams,
         matrix_rule=fro_m_rule,
         other_rule=fro_m_rule,

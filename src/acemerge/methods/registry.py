@@ -69,6 +69,13 @@ class Method:
     #: Parameters that depend on the model (e.g. ACE's eps=paper), filled in from the base's
     #: config.json (None when there is none) before merging.
     resolve: Callable[[Any, dict | None], MethodParams] | None = None
+    #: How tables and listings spell the method (default: its registry name).
+    display_name: str = ""
+
+    @property
+    def title(self) -> str:
+        """The method's name as tables show it."""
+        return self.display_name or self.name
 
     def validate(self, params: dict[str, Any] | None = None) -> MethodParams:
         """Check ``params`` against the method's parameter model (one-line error)."""

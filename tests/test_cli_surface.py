@@ -1,0 +1,61 @@
+"""The command line's surface: --version, methods NAME, --threads, help, repr, imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import acemerge
+from acemerge.cli import build_parser, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"acemerge {acemerge.__version__}"
+
+
+def test_methods_name_shows_one_method(capsys):
+    assert main(["methods", "ties"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ties:") and "2306.01708" in out and "ace:" not in out
+    assert main(["methods", "from"]) == 0
+    assert capsys.readouterr().out.startswith("from (FroM):")
+    assert main(["methods", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_threads_sets_torch_threads(capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "1", "methods", "ace"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["--threads", "0", "methods"]) == 2
+        assert "--threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("command", ["inspect", "bench", "merge"])
+def test_every_option_has_help(command):
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    missing = [a.option_strings or a.dest for a in sub._actions
+               if a.help is None and a.dest != "help"]
+    assert not missing, missing
+
+
+def test_merge_result_repr_is_short(gpt2_family, tmp_path):
+    base, experts = gpt2_family
+    result = acemerge.merge(base, experts, tmp_path / "out", method="average")
+    text = repr(result)
+    assert len(text) < 200 and "parameters=" in text and "seconds=" in text
+
+
+def test_bench_cli_imports_first_without_a_circle():
+    code = "import acemerge.bench.cli, acemerge.cli; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
