@@ -59,3 +59,41 @@ def test_bench_cli_imports_first_without_a_circle():
     code = "import acemerge.bench.cli, acemerge.cli; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_saved_config_reruns_from_another_folder(gpt2_family, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base, experts = gpt2_family
+    shutil.copytree(base.parent, tmp_path / "models")
+    monkeypatch.chdir(tmp_path)
+    args = ["merge", "--base", "models/base", "--out", "first", "-q", "--method", "ties"]
+    assert main(args + [a for e in experts for a in ("--expert", f"models/{e.name}")]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["merge", "--config", "../first/acemerge_config.yaml", "--out", "again",
+                 "-q"]) == 0
+    first = load_file(tmp_path / "first" / "model.safetensors")
+    again = load_file(elsewhere / "again" / "model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_a_bare_hub_id_is_looked_up(tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-m", "acemerge.cli", "merge", "--base", "gpt2", "--expert", "gpt2",
+         "--expert", "distilgpt2", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "gpt2: not a local path, and the Hugging Face Hub could not provide it" in \
+        result.stderr, result.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "acemerge.cli", "merge", "--base", "./gpt2", "--expert", "a",
+         "--expert", "b", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert "./gpt2: no such file or folder" in missing.stderr

@@ -105,6 +105,20 @@ class MergeConfig(BaseModel):
     def expert_paths(self) -> list[str]:
         return [entry.model for entry in self.models]
 
+    def with_absolute_paths(self) -> MergeConfig:
+        """The config with every existing local path made absolute (hub ids unchanged), so
+        that its YAML reruns from any folder."""
+        def absolute(text: str) -> str:
+            path = Path(text).expanduser()
+            return str(path.resolve()) if path.exists() else text
+
+        return self.model_copy(update={
+            "base_model": absolute(self.base_model),
+            "models": [entry.model_copy(update={"model": absolute(entry.model)})
+                       for entry in self.models],
+            "statistics": [absolute(p) for p in self.statistics],
+        })
+
     def to_yaml(self) -> str:
         """The config as YAML, in the same schema it is read from."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

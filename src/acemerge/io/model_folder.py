@@ -39,7 +39,7 @@ def write_model_folder_extras(
             for path in sorted(base.folder.glob(pattern)):
                 if path.is_file():
                     shutil.copy2(path, folder / path.name)
-    (folder / CONFIG_FILE).write_text(cfg.to_yaml())
+    (folder / CONFIG_FILE).write_text(cfg.with_absolute_paths().to_yaml())
     (folder / "README.md").write_text(model_card(cfg, plan, base.config))
 
 

@@ -168,7 +168,7 @@ def open_checkpoint(source: str | os.PathLike | dict) -> Checkpoint:
         return _open_folder(path)
     if path.is_file():
         return _open_file(path)
-    if not text.startswith((".", "/", "~")) and _HUB_ID.match(text) and "/" in text:
+    if not text.startswith((".", "/", "~")) and _HUB_ID.match(text):  # e.g. gpt2, org/name
         return _open_folder(_download(text), label=text)
     raise AceMergeError(f"{text}: no such file or folder")
 
