@@ -97,3 +97,24 @@ def test_a_bare_hub_id_is_looked_up(tmp_path):
          "--expert", "b", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=120)
     assert "./gpt2: no such file or folder" in missing.stderr
+
+
+def test_gamma_figure_ticks_are_readable():
+    from acemerge.inspect import LayerStats, gamma_figure
+
+    rows = [LayerStats(f"l{i}", (4, 4), g, g > 0.3, [1.0, 2.0])
+            for i, g in enumerate((0.3, 0.45, 0.6, 0.75, 0.9))]
+    fig = gamma_figure(rows, 0.3)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels()
+              if low <= t.get_position()[1] <= high and t.get_text()]
+    assert {"0.5"} <= set(labels) and not any("10^" in t or "$" in t for t in labels), labels
+
+
+def test_ties_whole_model_pass_shows_progress(gpt2_family, tmp_path, capsys):
+    base, experts = gpt2_family
+    args = ["merge", "--base", str(base), "--out", str(tmp_path / "out"), "--method", "ties"]
+    assert main(args + [a for e in experts for a in ("--expert", str(e))]) == 0
+    assert "ties: whole-model pass" in capsys.readouterr().err

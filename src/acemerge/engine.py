@@ -111,7 +111,9 @@ def merge_stream(
         reader = TaskVectorReader(base, experts, compute_dtype, device)
 
         def passes() -> Iterator[list[torch.Tensor]]:
-            return (reader.read(entry) for entry in merged_entries)
+            shown = tqdm(merged_entries, unit="tensor", disable=not progress, leave=False,
+                         desc=f"{method.name}: whole-model pass", dynamic_ncols=True)
+            return (reader.read(entry) for entry in shown)
 
         params = method.prepare(passes, params)
     steps = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,21 +71,38 @@ def format_layer_table(rows: list[LayerStats], tau: float) -> str:
     return "\n".join(lines)
 
 
-def plot_gamma(rows: list[LayerStats], tau: float, path: Path, title: str = "") -> None:
-    """Per-layer gamma against the threshold tau (the paper's Fig. 1)."""
+#: gamma is drawn on a log axis; values below this floor (e.g. exactly 0) sit on it.
+GAMMA_FLOOR = 1e-4
+
+
+def gamma_figure(rows: list[LayerStats], tau: float, title: str = "") -> Any:
+    """The gamma bar chart as a matplotlib figure: log axis, ticks at 1, 2 and 5 per decade
+    labelled as plain numbers (0.2, 0.5, 1, 2, ...)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.18), 3.6))
     colors = ["tab:red" if r.heterogeneous else "tab:blue" for r in rows]
-    ax.bar(range(len(rows)), [r.gamma for r in rows], color=colors)
+    ax.bar(range(len(rows)), [max(r.gamma, GAMMA_FLOOR) for r in rows], color=colors,
+           bottom=0)
     ax.axhline(tau, color="black", linestyle="--", label=f"tau = {tau:g}")
     ax.set_xlabel("merged matrix (model order)")
     ax.set_ylabel("heterogeneity gamma")
-    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title(title or "Per-layer task heterogeneity (red: heterogeneous branch)")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_gamma(rows: list[LayerStats], tau: float, path: Path, title: str = "") -> None:
+    """Per-layer gamma against the threshold tau (the paper's Fig. 1), saved to ``path``."""
+    fig = gamma_figure(rows, tau, title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_spectrum(pre: torch.Tensor, final: torch.Tensor, path: Path, layer: str) -> None:
