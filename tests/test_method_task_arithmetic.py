@@ -18,7 +18,7 @@ def test_registered_with_defaults() -> None:
     method = registry.get("task_arithmetic")
     assert method is task_arithmetic.METHOD
     assert method.default_scale == 0.3
-    assert method.defaults() == {}
+    assert method.defaults() == {"weight": 1.0, "normalize": False}
     assert method.other_rule_name == "sum"
 
 

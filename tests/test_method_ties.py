@@ -32,7 +32,9 @@ def _exact_thresholds(model: list[list[torch.Tensor]], k: float) -> list[float]:
 def test_registered_with_paper_defaults() -> None:
     method = registry.get("ties")
     assert method is ties.METHOD
-    assert method.defaults() == {"k": 0.2, "trim": "model", "thresholds": None}
+    assert method.defaults() == {"k": 0.2, "trim": "model", "thresholds": None,
+                                 "semantics": "paper", "weight": 1.0, "density": 1.0,
+                                 "normalize": True}
     assert method.default_scale == 1.0
     assert method.other_rule_name == "ties"
 

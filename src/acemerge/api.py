@@ -73,7 +73,7 @@ def merge_state_dicts(
     base_ckpt.config = config
     cfg = build_config(
         merge_method=method, base_model="<memory>",
-        models=[f"<memory {i}>" for i in range(len(experts))] if len(experts) >= 2 else [],
+        models=[f"<memory {i}>" for i in range(len(experts))],
         parameters=params, scale=scale, compute_dtype=compute_dtype, device=device,
         exclude=list(exclude),
     )

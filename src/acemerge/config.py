@@ -18,7 +18,14 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from acemerge.errors import AceMergeError
 
@@ -54,7 +61,7 @@ class MergeConfig(BaseModel):
 
     merge_method: str = "ace"
     base_model: str
-    models: list[ModelEntry] = Field(min_length=2)
+    models: list[ModelEntry]
     parameters: dict[str, Any] = Field(default_factory=dict)
     scale: float | None = None  # None: the method's default scaling coefficient
     dtype: str | None = None
@@ -79,6 +86,16 @@ class MergeConfig(BaseModel):
         if missing:
             raise AceMergeError(f"{missing[0]}: no such statistics file")
         return TensorStatistics.load(self.statistics)
+
+    @model_validator(mode="after")
+    def _expert_count(self) -> MergeConfig:
+        """As many experts as the method takes (an unknown method is reported later)."""
+        from acemerge import methods
+        from acemerge.engine import check_expert_count
+
+        if self.merge_method in methods.available():
+            check_expert_count(methods.get(self.merge_method), len(self.models))
+        return self
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -157,6 +174,4 @@ def describe_config_error(exc: ValidationError) -> str:
         return f"unknown config field '{where}'"
     if err["type"] == "missing":
         return f"missing config field '{where}'"
-    if where == "models" and err["type"] == "too_short":
-        return "at least two experts are needed (models)"
     return f"config field '{where}': {err['msg']}"

@@ -46,10 +46,19 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def check_expert_count(method: Method, count: int) -> None:
+    """The method's number of experts (two or more for most; SLERP takes one)."""
+    if count < method.min_experts:
+        needed = "one expert is" if method.min_experts == 1 else \
+            f"at least {'two' if method.min_experts == 2 else method.min_experts} experts are"
+        raise AceMergeError(f"{needed} needed, got {count}")
+    if method.max_experts is not None and count > method.max_experts:
+        raise AceMergeError(f"method '{method.name}' takes at most {method.max_experts} "
+                            f"expert(s) besides the base, got {count}")
+
+
 def check_compatible(base: Checkpoint, experts: list[Checkpoint], plan: Plan) -> None:
     """Every expert has exactly the base's parameters, with the base's shapes where merged."""
-    if len(experts) < 2:
-        raise AceMergeError(f"at least two experts are needed, got {len(experts)}")
     base_specs = base.specs()
     for expert in experts:
         specs = expert.specs()
@@ -99,6 +108,7 @@ def merge_stream(
     A method with a whole-model statistic (``prepare``) first streams over the merged
     parameters' task vectors once or more; nothing is held beyond one parameter.
     """
+    check_expert_count(method, len(experts))
     check_compatible(base, experts, plan)
     if method.needs and stats is None:
         raise AceMergeError(
@@ -192,8 +202,10 @@ def _merge_one(
     if method.per_parameter is not None:
         params = method.per_parameter(params, entry.name)
     needs = method.matrix_needs if matrix else method.other_needs
+    oriented_base = base_c.T if entry.transpose else base_c
     merged = method.apply(task_vectors, params, matrix=matrix,
-                          stats=reader.statistics(entry, needs, stats))
+                          stats=reader.statistics(entry, needs, stats),
+                          base=oriented_base if method.needs_base else None)
     if observer is not None:
         observer(entry, task_vectors, merged, time.perf_counter() - start)
     if entry.transpose:

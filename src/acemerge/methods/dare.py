@@ -20,13 +20,14 @@ so its trim acts only when ties_k < 1 - p.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from acemerge.methods.gta import gta_method
 from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.seeding import derived_seed
 from acemerge.methods.task_arithmetic import task_sum
 from acemerge.methods.ties import ties_merge
 
@@ -54,15 +55,13 @@ class DareParams(MethodParams):
 
 def task_seed(seed: int, task_index: int) -> int:
     """A 63-bit generator seed derived from (seed, task index), stable across runs."""
-    digest = hashlib.blake2b(f"acemerge-dare:{seed}:{task_index}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
+    return derived_seed("acemerge-dare", seed, task_index)
 
 
 def seed_per_parameter(params: DareParams, name: str) -> DareParams:
     """The parameters for tensor ``name``: its own seed, derived from (seed, name)."""
-    digest = hashlib.blake2b(f"acemerge-dare-param:{params.seed}:{name}".encode(),
-                             digest_size=8)
-    return params.model_copy(update={"seed": int.from_bytes(digest.digest(), "little") >> 1})
+    return params.model_copy(update={"seed": derived_seed("acemerge-dare-param", params.seed,
+                                                          name)})
 
 
 def drop_and_rescale(tv: Tensor, p: float, seed: int, task_index: int) -> Tensor:
@@ -94,3 +93,12 @@ METHOD = register(
         default_scale=1.0,
     )
 )
+
+# mergekit's DARE variants: keep with probability ``density``, kept entries rescaled to the
+# task vector's L1 norm (mergekit's rescale, not the paper's 1 / density), per-model weights.
+DARE_TIES = register(gta_method(
+    "dare_ties", "random", consensus=True, normalize=False, rescale=True,
+    paper=METHOD.paper, summary="mergekit's DARE: random keep, L1 rescale, TIES consensus"))
+DARE_LINEAR = register(gta_method(
+    "dare_linear", "random", consensus=False, normalize=False, rescale=True,
+    paper=METHOD.paper, summary="mergekit's DARE: random keep, L1 rescale, weighted sum"))

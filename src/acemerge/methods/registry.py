@@ -71,6 +71,14 @@ class Method:
     resolve: Callable[[Any, dict | None], MethodParams] | None = None
     #: How tables and listings spell the method (default: its registry name).
     display_name: str = ""
+    #: Parameters that take one value per task (a list), e.g. mergekit's per-model weight.
+    per_task_params: tuple[str, ...] = ()
+    #: The rule also receives ``base=`` (the base tensor, oriented like the task vectors):
+    #: methods defined on weights rather than task vectors (SLERP, unnormalized linear).
+    needs_base: bool = False
+    #: How many task vectors the method takes (SLERP: exactly one).
+    min_experts: int = 2
+    max_experts: int | None = None
 
     @property
     def title(self) -> str:
@@ -100,10 +108,12 @@ class Method:
         *,
         matrix: bool,
         stats: dict[str, list[Tensor]] | None = None,
+        base: Tensor | None = None,
     ) -> Tensor:
         """Merge already-validated task vectors with the matrix or the non-matrix rule.
 
-        ``stats`` maps a statistic's name to its T per-task tensors (data-dependent methods).
+        ``stats`` maps a statistic's name to its T per-task tensors (data-dependent methods);
+        ``base`` is the base tensor, for methods that need it (``needs_base``).
         """
         check_task_vectors(task_vectors)
         rule = self.matrix_rule if matrix else self.other_rule
@@ -114,7 +124,11 @@ class Method:
                 f"method '{self.name}' needs per-task statistics '{missing[0]}' from data "
                 "(collect them with acemerge.statistics.collect_statistics)"
             )
-        extra = {kind: stats[kind] for kind in needs} if stats else {}
+        extra: dict[str, Any] = {kind: stats[kind] for kind in needs} if stats else {}
+        if self.needs_base:
+            if base is None:
+                raise AceMergeError(f"method '{self.name}' needs the base tensor (base=...)")
+            extra["base"] = base
         merged = rule(task_vectors, params, **extra)
         return merged.to(task_vectors[0].dtype)
 
@@ -124,9 +138,10 @@ class Method:
         Data-dependent methods take their statistics as keywords too (``grams=[...]``).
         """
         stats = {kind: params.pop(kind) for kind in self.needs if kind in params}
+        base = params.pop("base", None)
         validated = self.for_model(self.validate(params), None)
         return self.apply(task_vectors, validated, matrix=task_vectors[0].dim() == 2,
-                          stats=stats)
+                          stats=stats, base=base)
 
     def defaults(self) -> dict[str, Any]:
         """Each parameter's default value."""

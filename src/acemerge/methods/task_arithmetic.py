@@ -8,14 +8,21 @@ validation data in the paper (0.3 is the usual value, hence the default scale).
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from acemerge.methods.registry import Method, MethodParams, register, sum_of
+from acemerge.methods.gta import PerTask, per_task
+from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
+from acemerge.methods.sparsify import weighted_merge
 
 Tensor = torch.Tensor
 
 
 class TaskArithmeticParams(MethodParams):
-    """Task Arithmetic has no parameters besides the scale lam."""
+    """Per-task weights (mergekit's ``weight``, default 1) and ``normalize``; lam is the
+    scale."""
+
+    weight: PerTask = Field(default=1.0, description="per-task weight (a number or a list)")
+    normalize: bool = Field(default=False, description="divide by the sum of the weights")
 
 
 def task_sum(task_vectors: list[Tensor]) -> Tensor:
@@ -24,8 +31,13 @@ def task_sum(task_vectors: list[Tensor]) -> Tensor:
 
 
 def task_arithmetic_rule(task_vectors: list[Tensor], params: TaskArithmeticParams) -> Tensor:
-    """tau = sum_t tau_t (the same rule for every parameter)."""
-    return task_sum(task_vectors)
+    """tau = sum_t w_t tau_t (/ sum_t w_t with ``normalize``), the same for every parameter."""
+    if params.weight == 1.0 and not params.normalize:
+        return task_sum(task_vectors)
+    weights = per_task(params.weight, len(task_vectors), "weight")
+    dtype = compute_dtype_of(task_vectors[0])
+    return weighted_merge([tv.to(dtype) for tv in task_vectors], weights, consensus=False,
+                          normalize=params.normalize)
 
 
 METHOD = register(
@@ -38,5 +50,6 @@ METHOD = register(
         paper="Ilharco et al. 2023, Editing models with task arithmetic (arXiv 2212.04089)",
         summary="sum of the task vectors (scale lam, typically 0.3)",
         default_scale=0.3,
+        per_task_params=("weight",),
     )
 )

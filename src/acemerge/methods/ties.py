@@ -29,6 +29,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from acemerge.errors import AceMergeError
+from acemerge.methods.gta import GtaParams, PerTask, gta_merge
 from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
 
 Tensor = torch.Tensor
@@ -51,6 +52,14 @@ class TiesParams(MethodParams):
         default=None,
         description="per-task magnitude thresholds for trim='model' (from model_thresholds)",
     )
+    semantics: Literal["paper", "mergekit"] = Field(
+        default="paper",
+        description="mergekit: per-tensor int(density n) trim, weighted election (a zero "
+        "sum elects +), divide by the agreeing weights (normalize); weight/density per task",
+    )
+    weight: PerTask = Field(default=1.0, description="semantics=mergekit: per-task weight")
+    density: PerTask = Field(default=1.0, description="semantics=mergekit: fraction kept")
+    normalize: bool = Field(default=True, description="semantics=mergekit: weighted mean")
 
     @field_validator("thresholds")
     @classmethod
@@ -63,6 +72,13 @@ class TiesParams(MethodParams):
     def _thresholds_need_model_trim(self) -> TiesParams:
         if self.thresholds is not None and self.trim != "model":
             raise ValueError("thresholds apply only to trim='model'")
+        return self
+
+    @model_validator(mode="after")
+    def _mergekit_options(self) -> TiesParams:
+        given = {"weight", "density", "normalize"} & self.model_fields_set
+        if given and self.semantics != "mergekit":
+            raise ValueError(f"{sorted(given)[0]} applies only to semantics='mergekit'")
         return self
 
 
@@ -131,6 +147,10 @@ def ties_merge(
 
 def ties_rule(task_vectors: list[Tensor], params: TiesParams) -> Tensor:
     """TIES for every parameter (the rule is elementwise, the paper applies it to all)."""
+    if params.semantics == "mergekit":
+        gta = GtaParams(weight=params.weight, density=params.density,
+                        normalize=params.normalize)
+        return gta_merge(task_vectors, gta, "magnitude", consensus=True)
     if params.trim == "parameter" or params.k >= 1:
         return ties_merge(task_vectors, params.k)
     if params.thresholds is None:
@@ -235,10 +255,9 @@ def _select_digit(hist: Tensor, rank: int) -> tuple[int, int]:
 def prepare_model_trim(passes: Callable[[], Iterable[Sequence[Tensor]]],
                        params: TiesParams) -> TiesParams:
     """The whole-model trim's per-task thresholds, from streamed passes over the model."""
-    if params.trim != "model" or params.thresholds is not None:
+    if params.semantics == "mergekit" or params.trim != "model" or params.thresholds is not None:
         return params
-    thresholds = model_thresholds(passes, params.k)
-    return TiesParams(**{**params.model_dump(), "thresholds": thresholds})
+    return params.model_copy(update={"thresholds": model_thresholds(passes, params.k)})
 
 
 METHOD = register(
@@ -252,5 +271,6 @@ METHOD = register(
         paper="Yadav et al. 2023, TIES-Merging (arXiv 2306.01708, NeurIPS 2023)",
         summary="trim to the top-k magnitudes, elect signs, disjoint mean",
         default_scale=1.0,
+        per_task_params=("weight", "density"),
     )
 )
