@@ -12,7 +12,8 @@ import torch
 
 from acemerge import methods
 from acemerge.config import DTYPES, MergeConfig, build_config
-from acemerge.engine import MergeStep, Observer, merge_stream, resolve_device
+from acemerge.engine import MergeStep, Observer, TensorParams, merge_stream, resolve_device
+from acemerge.errors import AceMergeError
 from acemerge.io.model_folder import write_model_folder_extras
 from acemerge.io.readers import Checkpoint, StateDictCheckpoint, open_checkpoint
 from acemerge.io.writers import (
@@ -23,6 +24,7 @@ from acemerge.io.writers import (
     check_output_is_not_input,
     staged_output_folder,
 )
+from acemerge.methods.registry import MethodParams
 from acemerge.plan import Plan, build_plan
 from acemerge.statistics import StatisticsProvider
 
@@ -136,6 +138,8 @@ def merge_from_config(
     observer: Observer | None = None,
     statistics: StatisticsProvider | None = None,
     other_inputs: Iterable[str | os.PathLike] = (),
+    copy_tokenizer: bool = True,
+    write_card: bool = True,
 ) -> MergeResult:
     """Run a validated config into ``out`` (written to a staging folder, then moved).
 
@@ -164,7 +168,8 @@ def merge_from_config(
         steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
                      observer=observer, statistics=statistics)
         writer.close()
-        write_model_folder_extras(staging, base, cfg, plan)
+        write_model_folder_extras(staging, base, cfg, plan, copy_tokenizer=copy_tokenizer,
+                                  write_card=write_card)
     return MergeResult(out=out, plan=plan, steps=steps, seconds=time.perf_counter() - start)
 
 
@@ -187,7 +192,31 @@ def _run(
         scale=cfg.resolved_scale, compute_dtype=DTYPES[cfg.compute_dtype],
         device=resolve_device(cfg.device), dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
         progress=progress, observer=observer, stats=statistics,
+        tensor_params=_scheduled_params(cfg, base) if cfg.mergekit else None,
     )
+
+
+def _scheduled_params(cfg: MergeConfig, base: Checkpoint) -> TensorParams:
+    """Per-tensor (params, scale) of a mergekit config: its filters and gradients resolved
+    for each tensor, ``lambda`` as the scale (validated once per distinct setting)."""
+    from acemerge.mergekit_schema import schedule_of
+
+    method = methods.get(cfg.merge_method)
+    schedule = schedule_of(cfg, base.config)
+    cache: dict[str, tuple[MethodParams, float]] = {}
+
+    def params_for(name: str) -> tuple[MethodParams, float]:
+        values = schedule.for_tensor(name)
+        scale = float(values.pop("lambda", 1.0))
+        key = repr(sorted(values.items())) + f"|{scale}"
+        if key not in cache:
+            try:
+                cache[key] = (method.validate(values), scale)
+            except AceMergeError as exc:
+                raise AceMergeError(f"{exc} (tensor {name})") from None
+        return cache[key]
+
+    return params_for
 
 
 def format_plan(plan: Plan, method_name: str) -> str:

@@ -21,8 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "1: torch's threads collapse when another process competes")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("merge", help="merge fine-tuned experts into their base model")
-    m.add_argument("--config", help="YAML merge config (mergekit-like)")
+    m = sub.add_parser("merge", help="merge fine-tuned experts into their base model",
+                       description="acemerge merge CONFIG OUT (as mergekit-yaml), or flags")
+    m.add_argument("config_file", nargs="?", metavar="CONFIG",
+                   help="YAML merge config, acemerge's or mergekit's schema (as --config)")
+    m.add_argument("out_folder", nargs="?", metavar="OUT", help="output folder (as --out)")
+    m.add_argument("--config", help="YAML merge config (acemerge's or mergekit's schema)")
     m.add_argument("--base", help="base checkpoint: HF folder, file or hub id")
     m.add_argument("--expert", action="append", default=[], help="an expert (repeat)")
     m.add_argument("--method", help="merge method (default: ace)")
@@ -41,10 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", help="output dtype (default: the base's)")
     m.add_argument("--compute-dtype", choices=["float32", "float64"], help="default float32")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
+    m.add_argument("--cuda", action="store_true", help="as --device cuda (mergekit's flag)")
     m.add_argument("--out", help="output folder")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     m.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
+    m.add_argument("--out-shard-size", metavar="SIZE",
+                   help="mergekit's shard size (5B = 5e9 bytes; K, M, B suffixes)")
+    m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the tokenizer files (default: yes)")
+    m.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write README.md (default: yes)")
+    m.add_argument("--random-seed", type=int, metavar="N",
+                   help="seed of the random methods (dare*, della*): their 'seed' parameter")
+    for flag in ("--allow-crimes", "--lazy-unpickle", "--low-cpu-memory",
+                 "--trust-remote-code"):
+        m.add_argument(flag, action="store_true",
+                       help="accepted for mergekit-yaml habits; no effect (acemerge always "
+                       "streams one tensor at a time and runs no remote code)")
     m.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    m.add_argument("-v", "--verbose", action="count", default=0,
+                   help="accepted for mergekit-yaml habits; acemerge prints the same")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     ms = sub.add_parser("methods", help="list the merge methods with their parameters")
@@ -84,9 +104,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positional_merge_args(args: argparse.Namespace) -> None:
+    """``acemerge merge CONFIG OUT`` (mergekit-yaml's form) into --config / --out."""
+    for name, flag in (("config_file", "config"), ("out_folder", "out")):
+        value = getattr(args, name)
+        if value is not None:
+            if getattr(args, flag):
+                raise AceMergeError(f"give the {flag} once: positional {value!r} and "
+                                    f"--{flag} {getattr(args, flag)!r}")
+            setattr(args, flag, value)
+    if args.cuda:
+        if args.device and args.device != "cuda":
+            raise AceMergeError(f"--cuda contradicts --device {args.device}")
+        args.device = "cuda"
+
+
+def parse_kmb(text: str) -> int:
+    """mergekit's sizes: 5B = 5e9, 500M = 5e8, 10K = 1e4 (bytes), or a plain number."""
+    units = {"K": 10**3, "M": 10**6, "B": 10**9}
+    text = text.strip().upper()
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise AceMergeError(f"--out-shard-size: cannot read {text!r} (e.g. 5B, 500M)") from None
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     """A validated MergeConfig from ``--config`` or from the flags."""
-    from acemerge.config import build_config, load_config
+    from acemerge.config import build_config
+    from acemerge.mergekit_schema import load_any_config as load_config
 
     if args.config:
         given = [flag for flag, value in (("--base", args.base), ("--expert", args.expert),
@@ -114,24 +162,50 @@ def config_from_args(args: argparse.Namespace) -> Any:
         updates["compute_dtype"] = args.compute_dtype
     if args.device:
         updates["device"] = args.device
+    from acemerge import methods
+
+    if args.random_seed is not None and "seed" in methods.get(cfg.merge_method).params.model_fields:
+        updates["parameters"] = {**cfg.parameters, "seed": args.random_seed}
+        if cfg.mergekit:
+            shared = {**cfg.mergekit.get("parameters", {}), "seed": args.random_seed}
+            updates["mergekit"] = {**cfg.mergekit, "parameters": shared}
     return cfg.model_copy(update=updates) if updates else cfg
+
+
+def kept_summary(plan: Any) -> str:
+    """One line: which parameters the plan keeps at the base value."""
+    kept = [e.name for e in plan.entries if e.treatment.value == "keep"]
+    if not kept:
+        return "kept at the base value: nothing (every parameter is merged)"
+    shown = ", ".join(kept[:4]) + (f", ... ({len(kept)} in all)" if len(kept) > 4 else "")
+    return f"kept at the base value: {shown} (see --dry-run; --no-default-excludes merges them)"
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from acemerge import methods
     from acemerge.api import format_plan, merge_from_config, open_inputs, plan_for
 
+    _positional_merge_args(args)
     cfg = config_from_args(args)
-    methods.get(cfg.merge_method).validate(cfg.parameters)
+    method = methods.get(cfg.merge_method)
+    if not cfg.mergekit:  # mergekit configs resolve their parameters per tensor
+        method.validate(cfg.parameters)
     if args.dry_run:
         base, _ = open_inputs(cfg)
         print(format_plan(plan_for(cfg, base), cfg.merge_method))
         return 0
     if not args.out:
-        raise AceMergeError("--out is required")
+        raise AceMergeError("--out is required (or: acemerge merge CONFIG OUT)")
+    shard_bytes = (parse_kmb(args.out_shard_size) if args.out_shard_size
+                   else parse_size(args.max_shard_size))
+    if not args.quiet:
+        base, _ = open_inputs(cfg)
+        print(kept_summary(plan_for(cfg, base)), file=sys.stderr)
     result = merge_from_config(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet,
-                               max_shard_bytes=parse_size(args.max_shard_size),
-                               other_inputs=[args.config] if args.config else [])
+                               max_shard_bytes=shard_bytes,
+                               other_inputs=[args.config] if args.config else [],
+                               copy_tokenizer=args.copy_tokenizer,
+                               write_card=args.write_model_card)
     if not args.quiet:
         print(f"merged {len(result.plan.entries)} parameters with {cfg.merge_method} "
               f"in {result.seconds:.1f} s -> {result.out}")

@@ -72,6 +72,9 @@ class MergeConfig(BaseModel):
     conv1d_as_stored: bool = False
     #: Per-expert statistics files (TensorStatistics.save) for RegMean / Fisher.
     statistics: list[str] = Field(default_factory=list)
+    #: The mergekit document this config was read from (mergekit's semantics apply:
+    #: per-tensor parameters, see acemerge.mergekit_schema); None for acemerge's schema.
+    mergekit: dict[str, Any] | None = None
 
     def load_statistics(self) -> object | None:
         """The statistics files as a provider (None when there are none)."""
@@ -149,17 +152,8 @@ def build_config(**fields: Any) -> MergeConfig:
         raise AceMergeError(describe_config_error(exc)) from None
 
 
-def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a YAML merge config."""
-    path = Path(path)
-    if not path.is_file():
-        raise AceMergeError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise AceMergeError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict):
-        raise AceMergeError(f"{path}: expected a mapping with merge_method, base_model, models")
+def config_from_mapping(data: dict[str, Any], path: str | Path) -> MergeConfig:
+    """A MergeConfig from a YAML mapping in acemerge's schema read from ``path``."""
     try:
         return MergeConfig(**data)
     except ValidationError as exc:

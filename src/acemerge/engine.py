@@ -31,6 +31,8 @@ class MergeStep:
 
 #: Called with the plan entry, the oriented task vectors, the merged task vector and seconds.
 Observer = Callable[[PlanEntry, list[torch.Tensor], torch.Tensor, float], None]
+#: A tensor name -> the method parameters and the scale for that tensor.
+TensorParams = Callable[[str], tuple[MethodParams, float]]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,11 +104,14 @@ def merge_stream(
     progress: bool = False,
     observer: Observer | None = None,
     stats: StatisticsProvider | None = None,
+    tensor_params: TensorParams | None = None,
 ) -> list[MergeStep]:
     """Merge every parameter of ``plan`` and hand each result to ``emit`` in plan order.
 
     A method with a whole-model statistic (``prepare``) first streams over the merged
     parameters' task vectors once or more; nothing is held beyond one parameter.
+    ``tensor_params`` gives a parameter's own (params, scale) where they vary per tensor
+    (mergekit's filters and gradients); otherwise ``params`` and ``scale`` apply to all.
     """
     check_expert_count(method, len(experts))
     check_compatible(base, experts, plan)
@@ -137,8 +142,10 @@ def merge_stream(
                 merged = base_tensor
             else:
                 reader = TaskVectorReader(base, experts, compute_dtype, device)
-                merged = _merge_one(entry, base_tensor, reader, method, params, scale,
-                                    observer, stats, start)
+                entry_params, entry_scale = (tensor_params(entry.name) if tensor_params
+                                             else (params, scale))
+                merged = _merge_one(entry, base_tensor, reader, method, entry_params,
+                                    entry_scale, observer, stats, start)
             emit(entry.name, merged.to(output_dtype(entry, dtype)).cpu())
             steps.append(MergeStep(entry, time.perf_counter() - start))
             bar.update(entry.numel)

@@ -24,7 +24,8 @@ CONFIG_FILE = "acemerge_config.yaml"
 
 
 def write_model_folder_extras(
-    folder: Path, base: Checkpoint, cfg: MergeConfig, plan: Plan
+    folder: Path, base: Checkpoint, cfg: MergeConfig, plan: Plan, *,
+    copy_tokenizer: bool = True, write_card: bool = True,
 ) -> None:
     """Write config.json, tokenizer files, README.md and the merge YAML into ``folder``."""
     if base.config is not None:
@@ -34,13 +35,44 @@ def write_model_folder_extras(
                 if key in config:
                     config[key] = cfg.dtype
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if base.folder is not None:
+    mergekit = cfg.mergekit or {}
+    source = tokenizer_folder(base, mergekit)
+    if copy_tokenizer and source is not None:
         for pattern in COPIED_PATTERNS:
-            for path in sorted(base.folder.glob(pattern)):
+            for path in sorted(source.glob(pattern)):
                 if path.is_file():
                     shutil.copy2(path, folder / path.name)
-    (folder / CONFIG_FILE).write_text(cfg.with_absolute_paths().to_yaml())
-    (folder / "README.md").write_text(model_card(cfg, plan, base.config))
+    if mergekit.get("chat_template"):
+        (folder / "chat_template.jinja").write_text(chat_template_text(mergekit["chat_template"]))
+    if mergekit:
+        from acemerge.mergekit_schema import mergekit_yaml
+
+        (folder / CONFIG_FILE).write_text(mergekit_yaml(cfg))
+    else:
+        (folder / CONFIG_FILE).write_text(cfg.with_absolute_paths().to_yaml())
+    if write_card:
+        (folder / "README.md").write_text(model_card(cfg, plan, base.config))
+
+
+def tokenizer_folder(base: Checkpoint, mergekit: dict) -> Path | None:
+    """Where tokenizer files come from: the base, or mergekit's ``tokenizer_source`` model."""
+    tokenizer = mergekit.get("tokenizer") or {}
+    source = tokenizer.get("source") or mergekit.get("tokenizer_source")
+    if source in (None, "base"):
+        return base.folder
+    from acemerge.io.readers import open_checkpoint
+
+    return open_checkpoint(source).folder
+
+
+def chat_template_text(template: str) -> str:
+    """mergekit's ``chat_template`` as Jinja text (named templates are not bundled here)."""
+    if "{" not in template:
+        from acemerge.errors import AceMergeError
+
+        raise AceMergeError(f"chat_template '{template}': named templates are not supported; "
+                            "give the Jinja template text")
+    return template
 
 
 def model_card(cfg: MergeConfig, plan: Plan, model_config: dict | None = None) -> str:
@@ -57,7 +89,7 @@ def model_card(cfg: MergeConfig, plan: Plan, model_config: dict | None = None) -
         f"base_model: {json.dumps(cfg.base_model)}",
         "---",
         "",
-        f"# Merged model ({method.name})",
+        f"# {(cfg.mergekit or {}).get('name') or f'Merged model ({method.name})'}",
         "",
         f"Merged with [acemerge](https://pypi.org/project/acemerge/) {__version__} using "
         f"**{method.name}**: {method.summary} ({method.paper}).",
