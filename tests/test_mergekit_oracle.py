@@ -87,6 +87,9 @@ def documents(base: Path, experts: list[Path]) -> dict[str, dict]:
 
 
 def run_mergekit(doc: dict, out: Path) -> dict[str, torch.Tensor]:
+    from mergekit.io.tasks import LoaderCache
+
+    LoaderCache().loaders.clear()  # mergekit caches loaders by path string across runs
     mergekit_merge.run_merge(MergeConfiguration.model_validate(doc), str(out),
                              options=MergeOptions(copy_tokenizer=False, quiet=True))
     return load_file(out / "model.safetensors")
@@ -159,3 +162,20 @@ def test_acemerge_random_methods_are_reproducible(family, tmp_path):
     (tmp_path / "b").mkdir()
     first = run_acemerge(doc, tmp_path / "a")
     assert worst_relative_difference(first, run_acemerge(doc, tmp_path / "b")) == 0
+
+
+def test_the_readme_config_runs_unchanged_in_both_tools(family, tmp_path, monkeypatch):
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(# ties\.yml.*?)```", readme, re.S).group(1)
+    base, experts = family
+    for name, source in (("base", base), ("expert-a", experts[0]), ("expert-b", experts[1])):
+        (tmp_path / name).symlink_to(source, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    doc = yaml.safe_load(block)
+    theirs = run_mergekit(doc, tmp_path / "mergekit-out")
+    (tmp_path / "merge.yml").write_text(block)
+    assert main(["merge", "merge.yml", "acemerge-out", "-q"]) == 0
+    ours = load_file(tmp_path / "acemerge-out" / "model.safetensors")
+    assert worst_relative_difference(theirs, ours) <= 1e-6
