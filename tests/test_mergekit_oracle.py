@@ -64,12 +64,13 @@ def documents(base: Path, experts: list[Path]) -> dict[str, dict]:
     with_base = {"base_model": str(base), "dtype": "float32"}
     return {
         "linear": {"merge_method": "linear", "dtype": "float32", "models": [
-            {"model": m, "parameters": {"weight": w}} for m, w in zip(e, (1.0, 0.5, 2.0))]},
+            {"model": m, "parameters": {"weight": w}}
+            for m, w in zip(e, (1.0, 0.5, 2.0), strict=True)]},
         "task_arithmetic": {"merge_method": "task_arithmetic", **with_base, "models": [
             {"model": m, "parameters": {"weight": [0.2, 0.8]}} for m in e],
             "parameters": {"lambda": 0.9}},
         "ties": {"merge_method": "ties", **with_base, "models": [
-            {"model": m, "parameters": p} for m, p in zip(e, per_model)],
+            {"model": m, "parameters": p} for m, p in zip(e, per_model, strict=True)],
             "parameters": {"normalize": True}},
         "breadcrumbs": {"merge_method": "breadcrumbs", **with_base, "models": [
             {"model": m} for m in e],
@@ -126,7 +127,7 @@ def test_random_methods_keep_everything_alike_at_density_one(method, family, tmp
     base, experts = family
     doc = {"merge_method": method, "base_model": str(base), "dtype": "float32",
            "models": [{"model": str(m), "parameters": {"weight": w}}
-                      for m, w in zip(experts, (1.0, 0.6, 0.3))],
+                      for m, w in zip(experts, (1.0, 0.6, 0.3), strict=True)],
            "parameters": {"density": 1.0}}
     assert worst_relative_difference(run_mergekit(doc, tmp_path / "mk"),
                                      run_acemerge(doc, tmp_path)) <= 1e-6

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 import acemerge
 from acemerge.api import merge_from_config
-from acemerge.mergekit_schema import load_any_config as load_config
 from acemerge.io.readers import StateDictCheckpoint, open_checkpoint
+from acemerge.mergekit_schema import load_any_config as load_config
 from acemerge.methods import get
 from tests.conftest import N_EXPERTS, save_family, tiny_gpt2_config
 
