@@ -118,3 +118,17 @@ def test_ties_whole_model_pass_shows_progress(gpt2_family, tmp_path, capsys):
     args = ["merge", "--base", str(base), "--out", str(tmp_path / "out"), "--method", "ties"]
     assert main(args + [a for e in experts for a in ("--expert", str(e))]) == 0
     assert "ties: whole-model pass" in capsys.readouterr().err
+
+
+def test_readme_bolds_the_best_entry_of_each_results_row():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("| suite | ACE |"):].split("\n\n")[0].splitlines()[2:]
+    assert table
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        values = [float(c.strip("*")) for c in cells]
+        bold = [i for i, c in enumerate(cells) if re.fullmatch(r"\*\*[\d.]+\*\*", c)]
+        assert bold == [values.index(max(values))], line

@@ -19,7 +19,8 @@ def _vectors(shape: tuple[int, ...], n: int = 3, seed: int = 0) -> list[torch.Te
 def test_registered_with_paper_defaults() -> None:
     method = registry.get("dare")
     assert method is dare.METHOD
-    assert method.defaults() == {"p": 0.9, "combine": "task_arithmetic", "seed": 0, "ties_k": 0.2}
+    assert method.defaults() == {"p": 0.9, "combine": "task_arithmetic", "seed": 0, "ties_k": 0.2,
+                                 "weight": 1.0}
     assert method.default_scale == 1.0
 
 

@@ -122,3 +122,13 @@ def test_task_arithmetic_per_task_weights():
     torch.testing.assert_close(merged, 0.5 * vectors[0] + vectors[1] + 2 * vectors[2])
     with pytest.raises(AceMergeError, match="3 values for 2"):
         get("task_arithmetic")(vectors[:2], weight=[1.0, 1.0, 1.0])
+
+
+def test_dare_per_task_weights_scale_each_sparsified_vector():
+    vectors = tvs(3)
+    dare = get("dare")
+    unweighted = [dare([tv if i == t else torch.zeros_like(tv) for i, tv in enumerate(vectors)])
+                  for t in range(3)]
+    weighted = dare(vectors, weight=[0.5, 1.0, 2.0])
+    torch.testing.assert_close(weighted, 0.5 * unweighted[0] + unweighted[1]
+                               + 2 * unweighted[2])

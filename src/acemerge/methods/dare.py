@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from acemerge.methods.gta import gta_method
+from acemerge.methods.gta import PerTask, gta_method, per_task
 from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
 from acemerge.methods.seeding import derived_seed
 from acemerge.methods.task_arithmetic import task_sum
@@ -44,6 +44,9 @@ class DareParams(MethodParams):
     seed: int = Field(default=0, description="random seed (same seed, same merge)")
     ties_k: float = Field(
         default=0.2, gt=0, le=1, description="TIES top-k fraction (combine='ties' only)"
+    )
+    weight: PerTask = Field(
+        default=1.0, description="per-task weight applied after drop and rescale"
     )
 
     @model_validator(mode="after")
@@ -75,6 +78,9 @@ def drop_and_rescale(tv: Tensor, p: float, seed: int, task_index: int) -> Tensor
 def dare_rule(task_vectors: list[Tensor], params: DareParams) -> Tensor:
     """Drop and rescale each task vector, then Task Arithmetic or TIES."""
     sparse = [drop_and_rescale(tv, params.p, params.seed, t) for t, tv in enumerate(task_vectors)]
+    if params.weight != 1.0:
+        weights = per_task(params.weight, len(sparse), "weight")
+        sparse = [w * tv for w, tv in zip(weights, sparse, strict=True)]
     if params.combine == "ties":
         return ties_merge(sparse, params.ties_k)
     return task_sum(sparse)
@@ -91,6 +97,7 @@ METHOD = register(
         paper="Yu et al. 2024, Language models are super mario (arXiv 2311.03099, ICML 2024)",
         summary="random drop (p) and rescale of each task vector, then TA or TIES",
         default_scale=1.0,
+        per_task_params=("weight",),
     )
 )
 
