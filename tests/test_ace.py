@@ -184,3 +184,36 @@ def test_eps_presets_are_the_papers():
     assert EPS_PRESETS["gpt2"] == 4e-2 and EPS_PRESETS["roberta-base"] == 2e-4
     tvs = task_vectors((12, 6), HETEROGENEOUS_SCALES)
     assert torch.equal(get("ace")(tvs, eps="gpt2"), get("ace")(tvs, eps=4e-2))
+
+
+def low_rank_experts(seed: int = 0) -> list[torch.Tensor]:
+    """Three rank-2..8 task vectors on a 64 x 128 layer (LoRA-like)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(64, r, generator=gen, dtype=torch.float64)
+            @ torch.randn(r, 128, generator=gen, dtype=torch.float64)
+            for r, scale in ((2, 0.002), (5, 0.02), (8, 0.1))]
+
+
+def test_refinement_rank_is_capped_at_the_numerical_rank_of_w_fused():
+    """With low-rank experts, k = int(0.3 * 64) = 19 exceeds W_fused's rank; the paper's
+    rule then adds directions of zero singular values, chosen by rounding noise."""
+    ace = get("ace")
+    exact = [tv.float() for tv in low_rank_experts()]  # float32, as the engine computes
+    base = torch.randn(64, 128, generator=torch.Generator().manual_seed(9))
+    stored = [(base + tv) - base for tv in exact]  # the experts stored as float32 models
+    assert heterogeneity(exact).heterogeneous
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    capped = [ace(tvs, eps=1e-3) for tvs in (exact, stored)]
+    paper = [ace(tvs, eps=1e-3, refine_rank="paper") for tvs in (exact, stored)]
+    assert rel(capped[1], capped[0]) < 1e-5
+    assert rel(paper[1], paper[0]) > 1e-2  # noise directions differ
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_refinement_rank_cap_never_changes_a_full_rank_result(shape):
+    tvs = task_vectors(shape, HETEROGENEOUS_SCALES)
+    ace = get("ace")
+    assert torch.equal(ace(tvs), ace(tvs, refine_rank="paper"))

@@ -14,6 +14,7 @@ from acemerge import methods
 from acemerge.config import DTYPES, MergeConfig, build_config
 from acemerge.engine import MergeStep, Observer, TensorParams, merge_stream, resolve_device
 from acemerge.errors import AceMergeError
+from acemerge.io.adapters import open_expert
 from acemerge.io.model_folder import write_model_folder_extras
 from acemerge.io.readers import Checkpoint, StateDictCheckpoint, open_checkpoint
 from acemerge.io.writers import (
@@ -114,8 +115,10 @@ def merge(
 
 
 def open_inputs(cfg: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Open the base and the experts named by a config (headers only)."""
-    return open_checkpoint(cfg.base_model), [open_checkpoint(p) for p in cfg.expert_paths]
+    """Open the base and the experts named by a config (headers only; an expert may be a
+    LoRA adapter folder on the base)."""
+    base = open_checkpoint(cfg.base_model)
+    return base, [open_expert(p, base, cfg.allow_base_mismatch) for p in cfg.expert_paths]
 
 
 def plan_for(cfg: MergeConfig, base: Checkpoint) -> Plan:

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the architecture's default exclusions")
     m.add_argument("--conv1d-as-stored", action="store_true",
                    help="merge GPT-2 Conv1D weights untransposed, as the ACE authors' code does")
+    m.add_argument("--allow-base-mismatch", action="store_true",
+                   help="merge LoRA adapters whose adapter_config.json names another base")
     m.add_argument("--statistics", action="append", default=[], metavar="FILE",
                    help="per-expert statistics file for regmean/fisher (repeat, in order)")
     m.add_argument("--dtype", help="output dtype (default: the base's)")
@@ -160,6 +162,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         updates["conv1d_as_stored"] = True
     if args.compute_dtype:
         updates["compute_dtype"] = args.compute_dtype
+    if args.allow_base_mismatch:
+        updates["allow_base_mismatch"] = True
     if args.device:
         updates["device"] = args.device
     from acemerge import methods

@@ -75,6 +75,8 @@ class MergeConfig(BaseModel):
     #: The mergekit document this config was read from (mergekit's semantics apply:
     #: per-tensor parameters, see acemerge.mergekit_schema); None for acemerge's schema.
     mergekit: dict[str, Any] | None = None
+    #: Merge LoRA adapters whose config names another base model.
+    allow_base_mismatch: bool = False
 
     def load_statistics(self) -> object | None:
         """The statistics files as a provider (None when there are none)."""

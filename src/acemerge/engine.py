@@ -171,10 +171,9 @@ class TaskVectorReader:
             base_c = self.to_compute(self.base.get(entry.name))
         task_vectors = []
         for expert in self.experts:
-            weight = expert.get(entry.name)
-            _finite(weight, expert.label, entry.name)
-            task_vectors.append(self.to_compute(weight) - base_c)
-            del weight
+            tv = expert.task_vector(entry.name, base_c)
+            _finite(tv, expert.label, entry.name)
+            task_vectors.append(tv)
         return [tv.T for tv in task_vectors] if entry.transpose else task_vectors
 
     def statistics(self, entry: PlanEntry, needs: tuple[str, ...],

@@ -45,6 +45,11 @@ class Checkpoint(ABC):
         """The files and folder this checkpoint is read from (empty for memory)."""
         return [*([self.folder] if self.folder is not None else []), *self.files]
 
+    def task_vector(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """This checkpoint's parameter ``name`` minus ``base`` (the base's value, already in
+        the compute dtype and device); adapters override it with their exact update."""
+        return self.get(name).to(device=base.device, dtype=base.dtype) - base
+
     @abstractmethod
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype), in the checkpoint's order, without loading tensors."""
@@ -165,11 +170,11 @@ def open_checkpoint(source: str | os.PathLike | dict) -> Checkpoint:
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _open_folder(path)
+        return open_folder(path)
     if path.is_file():
         return _open_file(path)
     if not text.startswith((".", "/", "~")) and _HUB_ID.match(text):  # e.g. gpt2, org/name
-        return _open_folder(_download(text), label=text)
+        return open_folder(_download(text), label=text)
     raise AceMergeError(f"{text}: no such file or folder")
 
 
@@ -183,8 +188,12 @@ def _open_file(path: Path, folder: Path | None = None) -> Checkpoint:
     )
 
 
-def _open_folder(folder: Path, label: str | None = None) -> Checkpoint:
+def open_folder(folder: Path, label: str | None = None) -> Checkpoint:
+    """A Hugging Face model folder (safetensors or pickled, sharded or not)."""
     label = label or str(folder)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise AceMergeError(f"{label}: a LoRA adapter, not a full model: give it as an "
+                            "expert, with its base as --base")
     config = _read_config(folder)
     checkpoint: Checkpoint
     if (folder / SAFETENSORS_INDEX).is_file():

@@ -91,6 +91,12 @@ class AceParams(MethodParams):
     adaptive_normalization: bool = Field(default=True, description="Eqs. 8-9, 13 (E2)")
     collective_prior: bool = Field(default=True, description="Eqs. 11-13 (E3)")
     spectral_refinement: bool = Field(default=True, description="Eqs. 15-19 (E4)")
+    refine_rank: Literal["numerical", "paper"] = Field(
+        default="numerical",
+        description="numerical: k = min(int(r k_frac), numerical rank of W_fused), so no "
+        "direction of a zero singular value is added (low-rank experts); never changes a "
+        "full-rank result. paper: k = int(r k_frac) always",
+    )
     solver: Literal["solve", "inverse"] = Field(
         default="solve", description="linear solve (default) or the explicit inverse"
     )
@@ -303,8 +309,21 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     if rank == 0:
         return merged_pre
     u, s, vh = singular_triplets(merged_pre + residual)  # W_fused
+    if params.refine_rank == "numerical":
+        rank = min(rank, numerical_rank(s, (d_out, d_in), dtype))
+        if rank == 0:
+            return merged_pre
     sigma_iso = s[:rank].mean()  # Eq. 18
     return merged_pre + sigma_iso * (u[:, :rank] @ vh[:rank])  # Eq. 19
+
+
+def numerical_rank(singular_values: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """How many singular values exceed sigma_1 * max(d_out, d_in) * eps(dtype) (the default
+    tolerance of ``torch.linalg.matrix_rank``, with the compute dtype's eps)."""
+    if singular_values.numel() == 0:
+        return 0
+    tolerance = float(singular_values[0]) * max(shape) * torch.finfo(dtype).eps
+    return int((singular_values > tolerance).sum())
 
 
 METHOD = register(
