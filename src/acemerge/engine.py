@@ -105,6 +105,7 @@ def merge_stream(
     observer: Observer | None = None,
     stats: StatisticsProvider | None = None,
     tensor_params: TensorParams | None = None,
+    emit_updates: bool = False,
 ) -> list[MergeStep]:
     """Merge every parameter of ``plan`` and hand each result to ``emit`` in plan order.
 
@@ -112,6 +113,8 @@ def merge_stream(
     parameters' task vectors once or more; nothing is held beyond one parameter.
     ``tensor_params`` gives a parameter's own (params, scale) where they vary per tensor
     (mergekit's filters and gradients); otherwise ``params`` and ``scale`` apply to all.
+    With ``emit_updates`` the engine hands over lam * D (the merged update, in the compute
+    dtype, stored layout) instead of the merged weight, and skips kept parameters.
     """
     check_expert_count(method, len(experts))
     check_compatible(base, experts, plan)
@@ -139,14 +142,19 @@ def merge_stream(
             base_tensor = base.get(entry.name)
             _finite(base_tensor, base.label, entry.name)
             if entry.treatment is Treatment.KEEP:
-                merged = base_tensor
+                if not emit_updates:
+                    emit(entry.name, base_tensor.to(output_dtype(entry, dtype)))
             else:
                 reader = TaskVectorReader(base, experts, compute_dtype, device)
                 entry_params, entry_scale = (tensor_params(entry.name) if tensor_params
                                              else (params, scale))
-                merged = _merge_one(entry, base_tensor, reader, method, entry_params,
-                                    entry_scale, observer, stats, start)
-            emit(entry.name, merged.to(output_dtype(entry, dtype)).cpu())
+                update = entry_scale * _merge_one(entry, base_tensor, reader, method,
+                                                  entry_params, observer, stats, start)
+                if emit_updates:
+                    emit(entry.name, update.cpu())
+                else:
+                    merged = reader.to_compute(base_tensor) + update
+                    emit(entry.name, merged.to(output_dtype(entry, dtype)).cpu())
             steps.append(MergeStep(entry, time.perf_counter() - start))
             bar.update(entry.numel)
     return steps
@@ -197,11 +205,11 @@ def _merge_one(
     reader: TaskVectorReader,
     method: Method,
     params: MethodParams,
-    scale: float,
     observer: Observer | None,
     stats: StatisticsProvider | None,
     start: float,
 ) -> torch.Tensor:
+    """The merged task vector D of one parameter, in its stored layout."""
     base_c = reader.to_compute(base_tensor)
     task_vectors = reader.read(entry, base_c)
     matrix = entry.treatment is Treatment.MATRIX
@@ -220,4 +228,4 @@ def _merge_one(
         raise AceMergeError(
             f"method '{method.name}' produced NaN or Inf for parameter '{entry.name}'"
         )
-    return base_c + scale * merged
+    return merged

@@ -92,6 +92,7 @@ class PlanEntry:
     treatment: Treatment
     transpose: bool
     reason: str
+    kind: ModuleKind = ModuleKind.OTHER
 
     @property
     def numel(self) -> int:
@@ -254,5 +255,7 @@ def _entry(
         how = "Conv1D, transposed" if transpose else kind.value
         if kind is ModuleKind.CONV1D and conv1d_as_stored:
             how = "Conv1D as stored (authors' behaviour)"
-        return PlanEntry(name, shape, dtype, Treatment.MATRIX, transpose, f"{how} ({source})")
-    return PlanEntry(name, shape, dtype, Treatment.OTHER, False, f"{kind.value} ({source})")
+        return PlanEntry(name, shape, dtype, Treatment.MATRIX, transpose, f"{how} ({source})",
+                         kind)
+    return PlanEntry(name, shape, dtype, Treatment.OTHER, False, f"{kind.value} ({source})",
+                     kind)
