@@ -203,8 +203,8 @@ def test_inputs_are_never_modified(workspace):
     [({"merge_method": "ace", "models": ["a", "b"]}, "missing config field 'base_model'"),
      ({"base_model": "x", "models": ["a", "b"], "weights": [1]}, "unknown config field"),
      ({"base_model": "x", "models": ["a"]}, "at least two experts"),
-     ({"base_model": "x", "models": [{"model": "a", "parameters": {"w": 1}}, "b"]},
-      "unknown config field 'models.0.parameters'")],
+     ({"base_model": "x", "models": [{"model": "a", "extra": 1}, "b"]},
+      "unknown config field 'models.0.extra'")],
 )
 def test_bad_config_files_fail_cleanly(config, fragment, tmp_path, capsys):
     (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
