@@ -14,6 +14,7 @@ from acemerge import methods
 from acemerge.config import DTYPES, MergeConfig, build_config
 from acemerge.engine import MergeStep, Observer, TensorParams, merge_stream, resolve_device
 from acemerge.errors import AceMergeError
+from acemerge.io.adapter_writer import LoraAdapterWriter
 from acemerge.io.adapters import open_expert
 from acemerge.io.model_folder import write_model_folder_extras
 from acemerge.io.readers import Checkpoint, StateDictCheckpoint, open_checkpoint
@@ -167,12 +168,21 @@ def merge_from_config(
         for e in plan.entries
     ]
     with staged_output_folder(out, overwrite) as staging:
-        writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes)
-        steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
-                     observer=observer, statistics=statistics)
-        writer.close()
+        if cfg.out_format == "lora":
+            rank = None if cfg.out_rank in (None, "exact") else int(cfg.out_rank)
+            adapter = LoraAdapterWriter(staging, plan, base, cfg.base_model, rank)
+            steps = _run(cfg, base, experts, adapter.add, plan=plan, progress=progress,
+                         observer=observer, statistics=statistics, emit_updates=True)
+            adapter.close()
+        else:
+            writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes)
+            steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
+                         observer=observer, statistics=statistics)
+            writer.close()
         write_model_folder_extras(staging, base, cfg, plan, copy_tokenizer=copy_tokenizer,
-                                  write_card=write_card)
+                                  write_card=write_card,
+                                  adapter_energy=adapter.energy
+                                  if cfg.out_format == "lora" else None)
     return MergeResult(out=out, plan=plan, steps=steps, seconds=time.perf_counter() - start)
 
 
@@ -186,6 +196,7 @@ def _run(
     progress: bool = False,
     observer: Observer | None = None,
     statistics: StatisticsProvider | None = None,
+    emit_updates: bool = False,
 ) -> list[MergeStep]:
     method = methods.get(cfg.merge_method)
     params = method.for_model(method.validate(cfg.parameters), base.config)
@@ -196,6 +207,7 @@ def _run(
         device=resolve_device(cfg.device), dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
         progress=progress, observer=observer, stats=statistics,
         tensor_params=_scheduled_params(cfg, base) if cfg.mergekit else None,
+        emit_updates=emit_updates,
     )
 
 

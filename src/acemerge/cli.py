@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the architecture's default exclusions")
     m.add_argument("--conv1d-as-stored", action="store_true",
                    help="merge GPT-2 Conv1D weights untransposed, as the ACE authors' code does")
+    m.add_argument("--out-format", choices=["full", "lora"], default="full",
+                   help="full: a merged model folder (default); lora: a PEFT LoRA adapter")
+    m.add_argument("--out-rank", metavar="R|exact",
+                   help="--out-format lora: rank per module, or exact (the update's numerical "
+                   "rank; the default for methods whose update is low-rank)")
     m.add_argument("--allow-base-mismatch", action="store_true",
                    help="merge LoRA adapters whose adapter_config.json names another base")
     m.add_argument("--statistics", action="append", default=[], metavar="FILE",
@@ -164,6 +169,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
         updates["compute_dtype"] = args.compute_dtype
     if args.allow_base_mismatch:
         updates["allow_base_mismatch"] = True
+    if args.out_format != "full" or args.out_rank is not None:
+        from acemerge.config import build_config
+
+        rank = args.out_rank if args.out_rank in (None, "exact") else _rank(args.out_rank)
+        return build_config(**{**cfg.model_dump(), **updates, "out_format": args.out_format,
+                               "out_rank": rank})
     if args.device:
         updates["device"] = args.device
     from acemerge import methods
@@ -174,6 +185,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
             shared = {**cfg.mergekit.get("parameters", {}), "seed": args.random_seed}
             updates["mergekit"] = {**cfg.mergekit, "parameters": shared}
     return cfg.model_copy(update=updates) if updates else cfg
+
+
+def _rank(text: str) -> int:
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:
+        raise AceMergeError(f"--out-rank: expected a positive integer or exact, got {text!r}")
+    return rank
 
 
 def kept_summary(plan: Any) -> str:

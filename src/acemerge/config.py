@@ -77,6 +77,23 @@ class MergeConfig(BaseModel):
     mergekit: dict[str, Any] | None = None
     #: Merge LoRA adapters whose config names another base model.
     allow_base_mismatch: bool = False
+    #: Output: a full model folder, or a PEFT LoRA adapter of rank out_rank (or "exact").
+    out_format: Literal["full", "lora"] = "full"
+    out_rank: int | Literal["exact"] | None = None
+
+    @model_validator(mode="after")
+    def _adapter_output(self) -> MergeConfig:
+        """--out-format lora needs a rank, unless the method's output is low-rank (then the
+        default is the exact rank)."""
+        from acemerge import methods
+
+        if self.out_format != "lora" or self.out_rank is not None:
+            return self
+        if self.merge_method in methods.available() and \
+                not methods.get(self.merge_method).low_rank_output:
+            raise AceMergeError(f"--out-format lora: method '{self.merge_method}' gives no "
+                                "low-rank update; give --out-rank R")
+        return self
 
     def load_statistics(self) -> object | None:
         """The statistics files as a provider (None when there are none)."""

@@ -26,9 +26,10 @@ CONFIG_FILE = "acemerge_config.yaml"
 def write_model_folder_extras(
     folder: Path, base: Checkpoint, cfg: MergeConfig, plan: Plan, *,
     copy_tokenizer: bool = True, write_card: bool = True,
+    adapter_energy: dict[str, float] | None = None,
 ) -> None:
     """Write config.json, tokenizer files, README.md and the merge YAML into ``folder``."""
-    if base.config is not None:
+    if base.config is not None and adapter_energy is None:  # an adapter has no config.json
         config = dict(base.config)
         if cfg.dtype:
             for key in ("torch_dtype", "dtype"):
@@ -51,7 +52,18 @@ def write_model_folder_extras(
     else:
         (folder / CONFIG_FILE).write_text(cfg.with_absolute_paths().to_yaml())
     if write_card:
-        (folder / "README.md").write_text(model_card(cfg, plan, base.config))
+        card = model_card(cfg, plan, base.config)
+        if adapter_energy is not None:
+            card += adapter_card_section(adapter_energy)
+        (folder / "README.md").write_text(card)
+
+
+def adapter_card_section(energy: dict[str, float]) -> str:
+    """The energy of the merged update each adapter module keeps."""
+    lines = ["## LoRA output", "", "Energy of the merged update kept per module "
+             "(||truncated||^2 / ||update||^2):", ""]
+    lines += [f"- `{module}`: {100 * kept:.4f}%" for module, kept in sorted(energy.items())]
+    return "\n".join(lines) + "\n"
 
 
 def tokenizer_folder(base: Checkpoint, mergekit: dict) -> Path | None:

@@ -328,6 +328,7 @@ def numerical_rank(singular_values: Tensor, shape: tuple[int, int], dtype: torch
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="ace",
         params=AceParams,
         matrix_rule=ace_matrix,

@@ -14,6 +14,7 @@ class AverageParams(MethodParams):
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="average",
         params=AverageParams,
         matrix_rule=mean_rule,

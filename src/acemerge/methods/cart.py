@@ -114,6 +114,7 @@ def cart_matrix(task_vectors: list[Tensor], params: CartParams) -> Tensor:
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="cart",
         params=CartParams,
         matrix_rule=cart_matrix,

@@ -114,6 +114,7 @@ def eigcov_matrix(task_vectors: list[Tensor], params: EigCovParams) -> Tensor:
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="eigcov",
         params=EigCovParams,
         matrix_rule=eigcov_matrix,

@@ -51,6 +51,7 @@ def fro_m_rule(task_vectors: list[Tensor], params: FroMParams) -> Tensor:
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="from",
         display_name="FroM",
         params=FroMParams,

@@ -39,6 +39,7 @@ def linear_rule(task_vectors: list[Tensor], params: LinearParams, base: Tensor) 
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="linear",
         params=LinearParams,
         matrix_rule=linear_rule,

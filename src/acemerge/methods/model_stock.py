@@ -55,6 +55,7 @@ def model_stock_rule(task_vectors: list[Tensor], params: ModelStockParams) -> Te
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="model_stock",
         params=ModelStockParams,
         matrix_rule=model_stock_rule,

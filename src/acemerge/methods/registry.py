@@ -76,6 +76,9 @@ class Method:
     #: The rule also receives ``base=`` (the base tensor, oriented like the task vectors):
     #: methods defined on weights rather than task vectors (SLERP, unnormalized linear).
     needs_base: bool = False
+    #: The merged update of low-rank task vectors is low-rank (a linear combination, or a
+    #: product with them): --out-format lora can then keep it exactly.
+    low_rank_output: bool = False
     #: How many task vectors the method takes (SLERP: exactly one).
     min_experts: int = 2
     max_experts: int | None = None

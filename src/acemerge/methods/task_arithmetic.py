@@ -42,6 +42,7 @@ def task_arithmetic_rule(task_vectors: list[Tensor], params: TaskArithmeticParam
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="task_arithmetic",
         params=TaskArithmeticParams,
         matrix_rule=task_arithmetic_rule,

@@ -95,6 +95,7 @@ def tsv_matrix(task_vectors: list[Tensor], params: TsvParams) -> Tensor:
 
 METHOD = register(
     Method(
+        low_rank_output=True,
         name="tsv",
         params=TsvParams,
         matrix_rule=tsv_matrix,
