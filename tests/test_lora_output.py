@@ -167,3 +167,24 @@ def test_norm_updates_go_to_modules_to_save_and_bias_clashes_are_refused(tmp_pat
     assert merge_cli(tmp_path / "base", [tmp_path / "b0", adapters[0]], tmp_path / "x",
                      "--method", "average", "--out-format", "lora") == 2
     assert "a LoRA adapter cannot hold both" in capsys.readouterr().err
+
+
+def test_the_readme_adapter_commands_run(llama, tmp_path, monkeypatch):
+    import re
+    import shlex
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(# three adapters.*?)```", readme, re.S).group(1)
+    commands = [" ".join(c.split()) for c in block.replace("\\\n", " ").splitlines()
+                if c.startswith("acemerge")]
+    base, adapters = llama
+    for name, source in (("base", base), ("adapter-a", adapters[0]),
+                         ("adapter-b", adapters[1]), ("adapter-c", adapters[2])):
+        (tmp_path / name).symlink_to(source, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert len(commands) == 2
+    for command in commands:
+        args = shlex.split(command.split("#")[0])[1:]
+        assert main([*args, "-q"]) == 0
+    assert worst(peft_weights(base, tmp_path / "merged-adapter"),
+                 load_file(tmp_path / "merged-model" / "model.safetensors")) < 1e-5
