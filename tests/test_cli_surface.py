@@ -132,3 +132,10 @@ def test_readme_bolds_the_best_entry_of_each_results_row():
         values = [float(c.strip("*")) for c in cells]
         bold = [i for i, c in enumerate(cells) if re.fullmatch(r"\*\*[\d.]+\*\*", c)]
         assert bold == [values.index(max(values))], line
+
+
+def test_methods_say_whether_lora_experts_stay_factored(capsys):
+    assert main(["methods", "ace"]) == 0
+    assert "LoRA experts: merged in factored (low-rank) form" in capsys.readouterr().out
+    assert main(["methods", "tsv"]) == 0
+    assert "materialized one parameter at a time" in capsys.readouterr().out

@@ -247,6 +247,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"  paper: {method.paper}")
         print(f"  default scale: {method.default_scale:g}; non-matrix parameters: "
               f"{method.other_rule_name}")
+        print("  LoRA experts: " + ("merged in factored (low-rank) form"
+                                    if method.low_rank_rule else
+                                    "task vectors materialized one parameter at a time"))
         for pname, field in method.params.model_fields.items():
             setting = f"{pname}={field.default}"
             print(f"  {setting:<30} {field.description or ''}".rstrip())

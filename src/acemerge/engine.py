@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from acemerge.errors import AceMergeError
 from acemerge.io.readers import Checkpoint
-from acemerge.methods.registry import Method, MethodParams
+from acemerge.methods.registry import Factored, Method, MethodParams
 from acemerge.plan import Plan, PlanEntry, Treatment
 from acemerge.statistics import ELEMENTWISE_KINDS, StatisticsProvider
 
@@ -184,6 +184,18 @@ class TaskVectorReader:
             task_vectors.append(tv)
         return [tv.T for tv in task_vectors] if entry.transpose else task_vectors
 
+    def factors(self, entry: PlanEntry, base_c: torch.Tensor) -> list[Factored] | None:
+        """Every expert's task vector of ``entry`` in factored, oriented form, or None when
+        one of them has no low-rank form (a full checkpoint)."""
+        out = []
+        for expert in self.experts:
+            pair = expert.factored_update(entry.name, base_c)
+            if pair is None:
+                return None
+            left, right = pair
+            out.append(Factored(right.T, left.T) if entry.transpose else Factored(left, right))
+        return out
+
     def statistics(self, entry: PlanEntry, needs: tuple[str, ...],
                    stats: StatisticsProvider | None) -> dict[str, list[torch.Tensor]] | None:
         """Each needed statistic for every task, oriented like the task vectors."""
@@ -199,6 +211,23 @@ class TaskVectorReader:
         return out
 
 
+def _merge_low_rank(entry: PlanEntry, base_c: torch.Tensor, reader: TaskVectorReader,
+                    method: Method, params: MethodParams) -> torch.Tensor | None:
+    """The method's low-rank rule when every expert is low-rank here (LoRA), else None."""
+    factors = reader.factors(entry, base_c)
+    if factors is None:
+        return None
+    result = method.low_rank_rule(factors, params) if method.low_rank_rule else None
+    if result is None:
+        return None
+    merged = result.dense().to(base_c.dtype)
+    if not torch.isfinite(merged).all():
+        raise AceMergeError(
+            f"method '{method.name}' produced NaN or Inf for parameter '{entry.name}'"
+        )
+    return merged.T if entry.transpose else merged
+
+
 def _merge_one(
     entry: PlanEntry,
     base_tensor: torch.Tensor,
@@ -211,10 +240,14 @@ def _merge_one(
 ) -> torch.Tensor:
     """The merged task vector D of one parameter, in its stored layout."""
     base_c = reader.to_compute(base_tensor)
-    task_vectors = reader.read(entry, base_c)
     matrix = entry.treatment is Treatment.MATRIX
     if method.per_parameter is not None:
         params = method.per_parameter(params, entry.name)
+    if matrix and method.low_rank_rule is not None and observer is None:
+        merged = _merge_low_rank(entry, base_c, reader, method, params)
+        if merged is not None:
+            return merged
+    task_vectors = reader.read(entry, base_c)
     needs = method.matrix_needs if matrix else method.other_needs
     oriented_base = base_c.T if entry.transpose else base_c
     merged = method.apply(task_vectors, params, matrix=matrix,

@@ -50,6 +50,14 @@ class LoraModule:
     scale: float = 1.0
     transpose: bool = False  # the stored weight is (B @ A)^T
 
+    def factors(self, dtype: torch.dtype, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) with left @ right = :meth:`delta` (the scaling on the left)."""
+        assert self.a is not None and self.b is not None
+        b = self.b.to(device=device, dtype=dtype) * self.scale
+        a = self.a.to(device=device, dtype=dtype)
+        return (a.T, b.T) if self.transpose else (b, a)
+
     def delta(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """s * B @ A in the base weight's layout."""
         assert self.a is not None and self.b is not None
@@ -205,6 +213,19 @@ class LoraExpert(Checkpoint):
                   if name in self.replaced else torch.zeros_like(base))
         module = self.modules.get(name)
         return update if module is None else update + module.delta(base.dtype, base.device)
+
+
+    def factored_update(self, name: str, base: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The update of ``name`` as (left, right) in the stored layout: rank 0 where the
+        adapter does not touch it; None where it replaces the tensor (no factors)."""
+        if name in self.replaced or base.dim() != 2:
+            return None
+        module = self.modules.get(name)
+        if module is None:
+            rows, cols = base.shape
+            return base.new_zeros(rows, 0), base.new_zeros(0, cols)
+        return module.factors(base.dtype, base.device)
 
 
 def _pattern_covers(pattern: dict | None, module: str) -> bool:

@@ -50,6 +50,12 @@ class Checkpoint(ABC):
         the compute dtype and device); adapters override it with their exact update."""
         return self.get(name).to(device=base.device, dtype=base.dtype) - base
 
+    def factored_update(self, name: str, base: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The update of 2-D ``name`` as (left, right), left @ right = its task vector in the
+        stored layout, when this checkpoint holds it in low-rank form (LoRA); else None."""
+        return None
+
     @abstractmethod
     def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype), in the checkpoint's order, without loading tensors."""

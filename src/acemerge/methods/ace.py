@@ -23,7 +23,13 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from acemerge.errors import AceMergeError
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.registry import (
+    Factored,
+    Method,
+    MethodParams,
+    compute_dtype_of,
+    register,
+)
 from acemerge.methods.shrinkage import auto_ridge_ratio
 
 Tensor = torch.Tensor
@@ -326,9 +332,118 @@ def numerical_rank(singular_values: Tensor, shape: tuple[int, int], dtype: torch
     return int((singular_values > tolerance).sum())
 
 
+# --- the same rule on factored task vectors D_t = B_t A_t (LoRA experts) ------------------
+#
+# With R = sum_t r_t, A = [A_1; ...; A_T] (R x d_in), B~_t = B_t - 1 mean_row(B_t) (Eq. 5),
+# G_t = B~_t^T B~_t and K = A A^T: S_t = A_t^T G_t A_t (Eq. 6), so
+#   numerator  sum_t C_t R_t = [B~_t] blockdiag(K_tt G~_t + eps_t I) A,
+#   system     eps I + A^T Gd A + 1 c^T,  c^T = a^T Gd A,  a = A 1 / d_in  (Eqs. 11-13),
+# i.e. eps I + U V with U = [A^T, 1], V = Q A, Q = [Gd; a^T Gd] (Gd = blockdiag(G~_t)), and
+# Woodbury gives W_pre = [B~_t] Z A with Z = P (I - [K, A 1] (eps I + Q [K, A 1])^-1 Q) / eps.
+# The residual (Eqs. 16-17) is [B_t] (blockdiag(K_tt G~_t) - (K Gd + eps I) / T) A, so
+# W_fused = [B~_t, B_t] Z_f A has rank <= R: its SVD comes from two QRs and a small SVD.
+# The small algebra runs in float64. eps = 0, eps=auto and refine_rank=paper with k above
+# the numerical rank fall back to the dense rule (None).
+
+
+def _factored_energies(factors: list[Factored]) -> Tensor:
+    """||B_t A_t||_F^2 = tr((B^T B)(A A^T)) for every task."""
+    return torch.stack([((f.left.T @ f.left).double() * (f.right @ f.right.T).double()).sum()
+                        for f in factors])
+
+
+def ace_low_rank(factors: list[Factored], params: AceParams) -> Factored | None:
+    """Algorithm 1 on factored task vectors; equals :func:`ace_matrix` on the products."""
+    if params.eps in ("auto", "paper") or params.solver != "solve":
+        return None
+    dtype = compute_dtype_of(factors[0].left)
+    d_out, d_in = factors[0].shape
+    energies = _factored_energies(factors)
+    gamma, log_std = heterogeneity_gamma(energies), heterogeneity_log_std(energies)
+    het = log_std > params.tau_log_std if params.heterogeneity == "log_std" \
+        else gamma > params.tau
+    normalize = het and params.adaptive_normalization
+    refine = het and params.spectral_refinement
+    a_cat = torch.cat([f.right for f in factors]).double()  # R x d_in
+    b_raw = [f.left.double() for f in factors]
+    b_centered = [b - b.mean(dim=0, keepdim=True) for b in b_raw]
+    k_full = a_cat @ a_cat.T
+    blocks, eps_total, p_blocks, g_blocks = _blocks(factors, b_centered, params, normalize,
+                                                    d_in)
+    if eps_total <= 0:
+        return None
+    gd, p = torch.block_diag(*g_blocks), torch.block_diag(*p_blocks)
+    ones_sum = a_cat.sum(dim=1, keepdim=True)  # A 1
+    q, u_cols = gd, k_full
+    if params.collective_prior:
+        prior = (ones_sum.T / d_in) @ gd
+        if normalize:
+            prior = prior / (float(energies.mean()) + LOG_FLOOR)
+        q, u_cols = torch.cat([gd, prior]), torch.cat([k_full, ones_sum], dim=1)
+    core = eps_total * torch.eye(q.shape[0], dtype=torch.float64) + q @ u_cols
+    try:
+        z = p @ (torch.eye(p.shape[0], dtype=torch.float64)
+                 - u_cols @ torch.linalg.solve(core, q)) / eps_total
+    except RuntimeError:
+        return None
+    left_pre = torch.cat(b_centered, dim=1)
+    merged = Factored(left_pre, z @ a_cat)
+    if not refine:
+        return Factored(merged.left.to(dtype), merged.right.to(dtype))
+    return _refined(merged, b_raw, a_cat, z, blocks, gd, k_full, eps_total, params,
+                    (d_out, d_in), dtype)
+
+
+def _blocks(factors: list[Factored], b_centered: list[Tensor], params: AceParams,
+            normalize: bool, d_in: int) -> tuple[list[Tensor], float, list[Tensor], list[Tensor]]:
+    """Per task: K_tt G~_t, and eps_t; their sum; P_t = K_tt G~_t + eps_t I; G~_t."""
+    kg, p_blocks, g_blocks, eps_total = [], [], [], 0.0
+    for f, b in zip(factors, b_centered, strict=True):
+        a = f.right.double()
+        k_tt, g = a @ a.T, b.T @ b
+        trace = float((g * k_tt).sum())  # tr(S_t)
+        ridge = params.eps * trace / d_in if params.eps_mode == "relative" else params.eps
+        scale = 1.0 / (trace + LOG_FLOOR) if normalize else 1.0
+        eps_t = ridge * scale
+        g_tilde = g * scale
+        kg.append(k_tt @ g_tilde)
+        p_blocks.append(kg[-1] + eps_t * torch.eye(len(g), dtype=torch.float64))
+        g_blocks.append(g_tilde)
+        eps_total += eps_t
+    return kg, eps_total, p_blocks, g_blocks
+
+
+def _refined(merged: Factored, b_raw: list[Tensor], a_cat: Tensor, z: Tensor,
+             kg_blocks: list[Tensor], gd: Tensor, k_full: Tensor, eps_total: float,
+             params: AceParams, shape: tuple[int, int], dtype: torch.dtype) -> Factored | None:
+    """Eqs. 16-19 in factored form."""
+    n_tasks = len(b_raw)
+    residual = torch.block_diag(*kg_blocks) - (k_full @ gd + eps_total * torch.eye(
+        len(k_full), dtype=torch.float64)) / n_tasks
+    left = torch.cat([merged.left, torch.cat(b_raw, dim=1)], dim=1)  # [B~, B]
+    core_f = torch.cat([z, residual])  # W_fused = left @ core_f @ A
+    q1, r1 = torch.linalg.qr(left)
+    q2, r2 = torch.linalg.qr(a_cat.T)
+    u, s, vh = torch.linalg.svd(r1 @ core_f @ r2.T, full_matrices=False)
+    rank = int(min(shape) * params.k_frac)
+    if rank == 0:
+        return Factored(merged.left.to(dtype), merged.right.to(dtype))
+    available = numerical_rank(s, shape, dtype)
+    if params.refine_rank == "paper" and rank > available:
+        return None  # the paper's k would pick directions of zero singular values
+    rank = min(rank, available)
+    if rank == 0:
+        return Factored(merged.left.to(dtype), merged.right.to(dtype))
+    sigma_iso = float(s[:rank].mean())  # Eq. 18
+    u_k, v_k = q1 @ u[:, :rank], (q2 @ vh[:rank].T).T
+    return Factored(torch.cat([merged.left, sigma_iso * u_k], dim=1).to(dtype),
+                    torch.cat([merged.right, v_k]).to(dtype))  # Eq. 19
+
+
 METHOD = register(
     Method(
         low_rank_output=True,
+        low_rank_rule=ace_low_rank,
         name="ace",
         params=AceParams,
         matrix_rule=ace_matrix,

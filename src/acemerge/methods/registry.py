@@ -20,6 +20,22 @@ Tensor = torch.Tensor
 TaskVectorPasses = Callable[[], Iterator[list[Tensor]]]
 
 
+@dataclass(frozen=True)
+class Factored:
+    """A (d_out, d_in) matrix given as left @ right: (d_out, k) and (k, d_in), e.g. a LoRA
+    task vector s * B @ A (k = 0: the zero matrix)."""
+
+    left: Tensor
+    right: Tensor
+
+    def dense(self) -> Tensor:
+        return self.left @ self.right
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[1]
+
+
 class MethodParams(BaseModel):
     """Base of every method's parameter model: unknown keys are errors."""
 
@@ -79,6 +95,10 @@ class Method:
     #: The merged update of low-rank task vectors is low-rank (a linear combination, or a
     #: product with them): --out-format lora can then keep it exactly.
     low_rank_output: bool = False
+    #: A rule on factored task vectors (all T given as Factored) that returns the merged
+    #: matrix as Factored in O(d (T r)^2 + (T r)^3), or None where it does not apply (the
+    #: engine then merges the dense task vectors). Must equal the dense rule.
+    low_rank_rule: Callable[[list[Factored], Any], Factored | None] | None = None
     #: How many task vectors the method takes (SLERP: exactly one).
     min_experts: int = 2
     max_experts: int | None = None

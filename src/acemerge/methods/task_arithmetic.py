@@ -11,7 +11,14 @@ import torch
 from pydantic import Field
 
 from acemerge.methods.gta import PerTask, per_task
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
+from acemerge.methods.registry import (
+    Factored,
+    Method,
+    MethodParams,
+    compute_dtype_of,
+    register,
+    sum_of,
+)
 from acemerge.methods.sparsify import weighted_merge
 
 Tensor = torch.Tensor
@@ -40,9 +47,21 @@ def task_arithmetic_rule(task_vectors: list[Tensor], params: TaskArithmeticParam
                           normalize=params.normalize)
 
 
+def task_arithmetic_low_rank(factors: list[Factored], params: TaskArithmeticParams
+                             ) -> Factored:
+    """sum_t w_t L_t R_t = [w_t L_t] [R_t] (/ sum_t w_t): the factors side by side."""
+    weights = per_task(params.weight, len(factors), "weight")
+    if params.normalize:
+        total = sum(weights)
+        weights = [w / (total if abs(total) >= 1e-8 else 1.0) for w in weights]
+    return Factored(torch.cat([w * f.left for w, f in zip(weights, factors, strict=True)],
+                              dim=1), torch.cat([f.right for f in factors]))
+
+
 METHOD = register(
     Method(
         low_rank_output=True,
+        low_rank_rule=task_arithmetic_low_rank,
         name="task_arithmetic",
         params=TaskArithmeticParams,
         matrix_rule=task_arithmetic_rule,
