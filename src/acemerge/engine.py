@@ -148,13 +148,13 @@ def merge_stream(
                 reader = TaskVectorReader(base, experts, compute_dtype, device)
                 entry_params, entry_scale = (tensor_params(entry.name) if tensor_params
                                              else (params, scale))
-                update = entry_scale * _merge_one(entry, base_tensor, reader, method,
-                                                  entry_params, observer, stats, start)
+                base_c = reader.to_compute(base_tensor)
+                update = entry_scale * _merge_one(entry, base_c, reader, method, entry_params,
+                                                  observer, stats, start)
                 if emit_updates:
                     emit(entry.name, update.cpu())
                 else:
-                    merged = reader.to_compute(base_tensor) + update
-                    emit(entry.name, merged.to(output_dtype(entry, dtype)).cpu())
+                    emit(entry.name, (base_c + update).to(output_dtype(entry, dtype)).cpu())
             steps.append(MergeStep(entry, time.perf_counter() - start))
             bar.update(entry.numel)
     return steps
@@ -230,7 +230,7 @@ def _merge_low_rank(entry: PlanEntry, base_c: torch.Tensor, reader: TaskVectorRe
 
 def _merge_one(
     entry: PlanEntry,
-    base_tensor: torch.Tensor,
+    base_c: torch.Tensor,
     reader: TaskVectorReader,
     method: Method,
     params: MethodParams,
@@ -238,8 +238,8 @@ def _merge_one(
     stats: StatisticsProvider | None,
     start: float,
 ) -> torch.Tensor:
-    """The merged task vector D of one parameter, in its stored layout."""
-    base_c = reader.to_compute(base_tensor)
+    """The merged task vector D of one parameter (``base_c``: the base in the compute dtype),
+    in its stored layout."""
     matrix = entry.treatment is Treatment.MATRIX
     if method.per_parameter is not None:
         params = method.per_parameter(params, entry.name)
