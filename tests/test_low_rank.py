@@ -78,7 +78,7 @@ def test_linear_rules_concatenate_factors(method):
 from tests.test_lora_output import llama  # noqa: E402,F401  (the adapters fixture)
 
 
-@pytest.mark.parametrize("method", ["ace", "task_arithmetic", "average"])
+@pytest.mark.parametrize("method", ["ace", "eigcov", "task_arithmetic", "average"])
 def test_engine_takes_the_low_rank_path_for_adapters(method, llama, monkeypatch):  # noqa: F811
     from acemerge import engine
     from acemerge.api import _run, open_inputs
@@ -108,3 +108,14 @@ def test_engine_takes_the_low_rank_path_for_adapters(method, llama, monkeypatch)
     worst = max(float((fast[k].double() - dense[k].double()).abs().max()
                       / dense[k].double().abs().max().clamp_min(1e-12)) for k in dense)
     assert worst < 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("setting", [{}, {"weighting": "energy"}, {"weighting": "gram"},
+                                     {"ridge": 1e-3}], ids=["pinv", "energy", "gram", "ridge"])
+def test_eigcov_low_rank_equals_dense(shape, setting):
+    eigcov = get("eigcov")
+    parts = factors(shape, scales=(0.05, 0.5, 2.0))
+    params = eigcov.validate(setting)
+    low = eigcov.low_rank_rule(parts, params)
+    assert rel(low.dense(), eigcov.matrix_rule([f.dense() for f in parts], params)) < 1e-6

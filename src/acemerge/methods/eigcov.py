@@ -27,6 +27,7 @@ from pydantic import Field
 
 from acemerge.methods.ace import solve_right
 from acemerge.methods.registry import (
+    Factored,
     Method,
     MethodParams,
     compute_dtype_of,
@@ -112,9 +113,60 @@ def eigcov_matrix(task_vectors: list[Tensor], params: EigCovParams) -> Tensor:
     return psd_pinv_right(numerator, system, params.rtol)
 
 
+def eigcov_low_rank(factors: list[Factored], params: EigCovParams) -> Factored | None:
+    """The same rule on factored task vectors D_t = B_t A_t (R = sum_t r_t).
+
+    G_t = A_t^T H_t A_t with H_t = B_t^T B_t, so with A = [A_t] = (Q Rq)^T (thin QR) the
+    system is Q M Q^T, M = Rq blockdiag(w_t H_t) Rq^T (R x R, the same nonzero eigenvalues,
+    the same cutoff), and the numerator is [B_t] blockdiag(w_t K_tt H_t) A with
+    K_tt = A_t A_t^T. A ridge is inverted with Woodbury instead. Float64 core.
+    """
+    d_out, d_in = factors[0].shape
+    dtype = compute_dtype_of(factors[0].left)
+    if max(d_out, d_in) >= params.max_dim:
+        return None
+    lefts, rights, h_blocks, p_blocks = [], [], [], []
+    for f in factors:
+        b, a = f.left.double(), f.right.double()
+        h, k = b.T @ b, a @ a.T
+        weight = _factored_weight(h, k, params.weighting)
+        if weight == 0.0 or not len(h):
+            continue
+        lefts.append(b)
+        rights.append(a)
+        h_blocks.append(weight * h)
+        p_blocks.append(weight * (k @ h))
+    if not lefts:
+        return Factored(factors[0].left.new_zeros(d_out, 0), factors[0].right.new_zeros(0, d_in))
+    a_cat, b_cat = torch.cat(rights), torch.cat(lefts, dim=1)
+    hd, p = torch.block_diag(*h_blocks), torch.block_diag(*p_blocks)
+    if params.ridge > 0:
+        k_full = a_cat @ a_cat.T
+        eye = torch.eye(len(k_full), dtype=torch.float64)
+        z = p @ (eye - k_full @ torch.linalg.solve(params.ridge * eye + hd @ k_full, hd))
+        return Factored(b_cat.to(dtype), (z @ a_cat / params.ridge).to(dtype))
+    q, r = torch.linalg.qr(a_cat.T)  # A^T = Q Rq
+    evals, evecs = torch.linalg.eigh(r @ hd @ r.T)
+    rtol = params.rtol if params.rtol is not None else d_in * torch.finfo(dtype).eps
+    keep = evals > rtol * max(float(evals.max()), 0.0)
+    basis = evecs[:, keep]
+    left = b_cat @ (p @ r.T @ basis / evals[keep])
+    return Factored(left.to(dtype), (basis.T @ q.T).to(dtype))
+
+
+def _factored_weight(h: Tensor, k: Tensor, weighting: str) -> float:
+    """gram_weight from the small factors: ||D||_F^2 = tr(H K), ||G||_F^2 = tr(H K H K)."""
+    if weighting == "none":
+        return 1.0
+    norm_sq = float((h * k).sum()) if weighting == "energy" else float(
+        ((h @ k) * (h @ k).T).sum())
+    return 1.0 / norm_sq if norm_sq > 0 else 0.0
+
+
 METHOD = register(
     Method(
         low_rank_output=True,
+        low_rank_rule=eigcov_low_rank,
         name="eigcov",
         params=EigCovParams,
         matrix_rule=eigcov_matrix,
