@@ -198,3 +198,11 @@ def test_eps_study_rows_and_figure(toy, tmp_path):
     assert all(rho > 0 for rho in study.auto_rho.values())
     plot_eps_study(study, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_default_methods_leave_out_slerp_but_a_named_one_runs():
+    from acemerge.bench.cli import choose_methods
+
+    defaults = choose_methods(None, data_free=True)
+    assert "slerp" not in defaults and "ace" in defaults and "regmean" not in defaults
+    assert choose_methods("slerp,ace", data_free=False) == ["slerp", "ace"]

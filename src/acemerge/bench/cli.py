@@ -14,10 +14,14 @@ from acemerge.parsing import parse_value
 
 
 def choose_methods(names: str | None, data_free: bool) -> list[str]:
-    """Methods to run: the named ones (validated) or every registered one."""
-    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else methods.available()
-    for name in chosen:
-        methods.get(name)
+    """Methods to run: the named ones (validated) or every registered one that merges a
+    suite's experts (SLERP, which interpolates the base with ONE model, is left out)."""
+    if names:
+        chosen = [n.strip() for n in names.split(",") if n.strip()]
+        for name in chosen:
+            methods.get(name)
+    else:
+        chosen = [n for n in methods.available() if methods.get(n).max_experts is None]
     return [n for n in chosen if not (data_free and methods.get(n).needs)]
 
 
