@@ -9,7 +9,7 @@ from typing import Any
 
 from acemerge import __version__
 from acemerge.errors import AceMergeError
-from acemerge.parsing import parse_assignments, parse_size
+from acemerge.parsing import parse_assignments, parse_kmb, parse_rank, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,18 +126,6 @@ def _positional_merge_args(args: argparse.Namespace) -> None:
         args.device = "cuda"
 
 
-def parse_kmb(text: str) -> int:
-    """mergekit's sizes: 5B = 5e9, 500M = 5e8, 10K = 1e4 (bytes), or a plain number."""
-    units = {"K": 10**3, "M": 10**6, "B": 10**9}
-    text = text.strip().upper()
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise AceMergeError(f"--out-shard-size: cannot read {text!r} (e.g. 5B, 500M)") from None
-
-
 def config_from_args(args: argparse.Namespace) -> Any:
     """A validated MergeConfig from ``--config`` or from the flags."""
     from acemerge.config import build_config
@@ -169,32 +157,27 @@ def config_from_args(args: argparse.Namespace) -> Any:
         updates["compute_dtype"] = args.compute_dtype
     if args.allow_base_mismatch:
         updates["allow_base_mismatch"] = True
-    if args.out_format != "full" or args.out_rank is not None:
-        from acemerge.config import build_config
-
-        rank = args.out_rank if args.out_rank in (None, "exact") else _rank(args.out_rank)
-        return build_config(**{**cfg.model_dump(), **updates, "out_format": args.out_format,
-                               "out_rank": rank})
     if args.device:
         updates["device"] = args.device
-    from acemerge import methods
-
-    if args.random_seed is not None and "seed" in methods.get(cfg.merge_method).params.model_fields:
-        updates["parameters"] = {**cfg.parameters, "seed": args.random_seed}
-        if cfg.mergekit:
-            shared = {**cfg.mergekit.get("parameters", {}), "seed": args.random_seed}
-            updates["mergekit"] = {**cfg.mergekit, "parameters": shared}
+    updates.update(_seed_updates(cfg, args.random_seed))
+    if args.out_format != "full" or args.out_rank is not None:
+        updates["out_format"] = args.out_format
+        updates["out_rank"] = parse_rank(args.out_rank)
+        return build_config(**{**cfg.model_dump(), **updates})  # revalidated as a whole
     return cfg.model_copy(update=updates) if updates else cfg
 
 
-def _rank(text: str) -> int:
-    try:
-        rank = int(text)
-    except ValueError:
-        rank = 0
-    if rank < 1:
-        raise AceMergeError(f"--out-rank: expected a positive integer or exact, got {text!r}")
-    return rank
+def _seed_updates(cfg: Any, seed: int | None) -> dict[str, Any]:
+    """--random-seed as the 'seed' parameter of methods that draw random masks."""
+    from acemerge import methods
+
+    if seed is None or "seed" not in methods.get(cfg.merge_method).params.model_fields:
+        return {}
+    updates: dict[str, Any] = {"parameters": {**cfg.parameters, "seed": seed}}
+    if cfg.mergekit:
+        shared = {**cfg.mergekit.get("parameters", {}), "seed": seed}
+        updates["mergekit"] = {**cfg.mergekit, "parameters": shared}
+    return updates
 
 
 def kept_summary(plan: Any) -> str:

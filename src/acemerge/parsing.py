@@ -41,3 +41,28 @@ def parse_size(text: str) -> int:
         raise AceMergeError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MB)")
     number, unit = float(match.group(1)), match.group(2).upper()
     return int(number * 1024 ** "_KMGT".index(unit or "_"))
+
+
+def parse_kmb(text: str) -> int:
+    """mergekit's sizes: 5B = 5e9, 500M = 5e8, 10K = 1e4 (bytes), or a plain number."""
+    units = {"K": 10**3, "M": 10**6, "B": 10**9}
+    text = text.strip().upper()
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise AceMergeError(f"--out-shard-size: cannot read {text!r} (e.g. 5B, 500M)") from None
+
+
+def parse_rank(text: str | None) -> int | str | None:
+    """--out-rank: a positive integer, ``exact``, or None (not given)."""
+    if text is None or text == "exact":
+        return text
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:
+        raise AceMergeError(f"--out-rank: expected a positive integer or exact, got {text!r}")
+    return rank
