@@ -112,7 +112,7 @@ def plot_eps_study(study: EpsStudy, path: Path) -> None:
     by_label = {r.label: r for r in study.main.rows}
     absolute = [r for r in study.sweeps.rows if "eps_mode" not in r.params]
     relative = [r for r in study.sweeps.rows if "eps_mode" in r.params]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     for ax, rows, key, title in ((left, absolute, "eps", "absolute eps (the paper's)"),
                                  (right, relative, "eps", "relative rho (scale-free)")):
         xs = [r.params[key] for r in rows]
@@ -143,10 +143,11 @@ def plot_eps_study(study: EpsStudy, path: Path) -> None:
         for ax in (left, right):
             ax.axhline(100 * tsv.mean_normalized, color="tab:blue", linewidth=1,
                        label="TSV-M" if ax is left else None)
-    left.legend(fontsize=7, loc="lower left")
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8,
+               frameon=False)
     right.text(0.02, 0.02, "dotted: median rho each auto rule chose", transform=right.transAxes,
                fontsize=7)
     fig.suptitle(f"{study.main.suite}: ACE normalized accuracy against eps")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
