@@ -119,3 +119,20 @@ def test_eigcov_low_rank_equals_dense(shape, setting):
     params = eigcov.validate(setting)
     low = eigcov.low_rank_rule(parts, params)
     assert rel(low.dense(), eigcov.matrix_rule([f.dense() for f in parts], params)) < 1e-6
+
+
+def test_ace_low_rank_equals_dense_on_a_tinyllama_kv_projection():
+    """Four rank-16 adapters on a 256 x 2048 layer: the dense solve leaves W_fused's zero
+    singular values at ~3e-9 sigma_1 (float64), which the numerical-rank tolerance must
+    not count as rank (it did at max(d) * eps: 66% apart; sqrt(eps): 1e-8)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    from bench_lora_time import adapters
+
+    ace = get("ace")
+    parts = [Factored(p.left.double(), p.right.double()) for p in adapters((256, 2048), 4, 16, 1)]
+    params = ace.validate({})
+    dense = ace.matrix_rule([f.dense() for f in parts], params)
+    assert rel(ace.low_rank_rule(parts, params).dense(), dense) < 1e-6

@@ -69,8 +69,8 @@ class MiniLMRecipe(FineTuneRecipe):
 
 
 #: Validation sets are smaller than gpt2-text's: the encoder costs about 13x more per token,
-#: and tuning lambda (13 values on validation per tuned method) must fit in minutes on 2 cores. Test sets have 560 examples
-#: per task, as gpt2-text's, so that the suite mean's standard error is at most 0.7 points.
+#: and tuning lambda (13 values on validation per tuned method) must fit in minutes on 2
+#: cores. Test sets have 560 examples per task, as gpt2-text's, for smaller standard errors.
 FULL = MiniLMRecipe(
     max_length=64,
     expert_steps={"topic": 150, "acceptability": 80, "kind": 100, "literal": 40,
