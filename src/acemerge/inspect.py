@@ -89,7 +89,8 @@ def gamma_figure(rows: list[LayerStats], tau: float, title: str = "") -> Any:
     ax.set_xlabel("merged matrix (model order)")
     ax.set_ylabel("heterogeneity gamma")
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.set_ylim(top=2 * max([tau, *(r.gamma for r in rows)]))  # tau's line stays in view
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_title(title or "Per-layer task heterogeneity (red: heterogeneous branch)")
