@@ -193,6 +193,8 @@ class TaskVectorReader:
             if pair is None:
                 return None
             left, right = pair
+            _finite(left, expert.label, entry.name)
+            _finite(right, expert.label, entry.name)
             out.append(Factored(right.T, left.T) if entry.transpose else Factored(left, right))
         return out
 
