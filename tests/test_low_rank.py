@@ -78,7 +78,7 @@ def test_linear_rules_concatenate_factors(method):
 from tests.test_lora_output import llama  # noqa: E402,F401  (the adapters fixture)
 
 
-@pytest.mark.parametrize("method", ["ace", "eigcov", "task_arithmetic", "average"])
+@pytest.mark.parametrize("method", ["ace", "eigcov", "cart", "task_arithmetic", "average"])
 def test_engine_takes_the_low_rank_path_for_adapters(method, llama, monkeypatch):  # noqa: F811
     from acemerge import engine
     from acemerge.api import _run, open_inputs
@@ -136,3 +136,14 @@ def test_ace_low_rank_equals_dense_on_a_tinyllama_kv_projection():
     params = ace.validate({})
     dense = ace.matrix_rule([f.dense() for f in parts], params)
     assert rel(ace.low_rank_rule(parts, params).dense(), dense) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("setting", [{}, {"rank_fraction": 0.5}, {"rank_fraction": 0.0},
+                                     {"rank_fraction": 0.02, "lam_c": 1.0}])
+def test_cart_low_rank_equals_dense(shape, setting):
+    cart = get("cart")
+    parts = factors(shape)
+    params = cart.validate(setting)
+    low = cart.low_rank_rule(parts, params)
+    assert rel(low.dense(), cart.matrix_rule([f.dense() for f in parts], params)) < 1e-6

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from acemerge.errors import AceMergeError
+from acemerge.methods.lowrank import factored_svd
 from acemerge.methods.registry import (
     Factored,
     Method,
@@ -425,9 +426,7 @@ def _refined(merged: Factored, b_raw: list[Tensor], a_cat: Tensor, z: Tensor,
         len(k_full), dtype=torch.float64)) / n_tasks
     left = torch.cat([merged.left, torch.cat(b_raw, dim=1)], dim=1)  # [B~, B]
     core_f = torch.cat([z, residual])  # W_fused = left @ core_f @ A
-    q1, r1 = torch.linalg.qr(left)
-    q2, r2 = torch.linalg.qr(a_cat.T)
-    u, s, vh = torch.linalg.svd(r1 @ core_f @ r2.T, full_matrices=False)
+    u_full, s, vh_full = factored_svd(left, core_f @ a_cat)
     rank = int(min(shape) * params.k_frac)
     if rank == 0:
         return Factored(merged.left.to(dtype), merged.right.to(dtype))
@@ -438,9 +437,8 @@ def _refined(merged: Factored, b_raw: list[Tensor], a_cat: Tensor, z: Tensor,
     if rank == 0:
         return Factored(merged.left.to(dtype), merged.right.to(dtype))
     sigma_iso = float(s[:rank].mean())  # Eq. 18
-    u_k, v_k = q1 @ u[:, :rank], (q2 @ vh[:rank].T).T
-    return Factored(torch.cat([merged.left, sigma_iso * u_k], dim=1).to(dtype),
-                    torch.cat([merged.right, v_k]).to(dtype))  # Eq. 19
+    return Factored(torch.cat([merged.left, sigma_iso * u_full[:, :rank]], dim=1).to(dtype),
+                    torch.cat([merged.right, vh_full[:rank]]).to(dtype))  # Eq. 19
 
 
 METHOD = register(

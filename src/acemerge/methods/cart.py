@@ -24,7 +24,15 @@ from __future__ import annotations
 import torch
 from pydantic import AliasChoices, Field
 
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
+from acemerge.methods.lowrank import factored_svd
+from acemerge.methods.registry import (
+    Factored,
+    Method,
+    MethodParams,
+    compute_dtype_of,
+    register,
+    sum_of,
+)
 
 Tensor = torch.Tensor
 
@@ -112,9 +120,30 @@ def cart_matrix(task_vectors: list[Tensor], params: CartParams) -> Tensor:
     return mean + lam_c * low_rank_term(task_vectors, rank)
 
 
+def cart_low_rank(factors: list[Factored], params: CartParams) -> Factored:
+    """The same rule on factored task vectors: the mean's factors side by side, and each
+    SVD_k(D_t - D_avg) from the thin SVD of [B_t, -B/T] [A_t; A] (k capped at its rank: the
+    dense rule's extra triplets have zero singular values and add nothing)."""
+    count = len(factors)
+    lam_c, rho = settings(params, count)
+    dtype = compute_dtype_of(factors[0].left)
+    mean_left = torch.cat([f.left.double() / count for f in factors], dim=1)
+    mean_right = torch.cat([f.right.double() for f in factors])
+    rank = cart_rank(rho, factors[0].shape)
+    lefts, rights = [mean_left], [mean_right]
+    for f in factors if rank > 0 else []:
+        u, s, vh = factored_svd(torch.cat([f.left.double(), -mean_left], dim=1),
+                                torch.cat([f.right.double(), mean_right]))
+        k = min(rank, len(s))
+        lefts.append(lam_c * u[:, :k] * s[:k])
+        rights.append(vh[:k])
+    return Factored(torch.cat(lefts, dim=1).to(dtype), torch.cat(rights).to(dtype))
+
+
 METHOD = register(
     Method(
         low_rank_output=True,
+        low_rank_rule=cart_low_rank,
         name="cart",
         params=CartParams,
         matrix_rule=cart_matrix,
