@@ -182,7 +182,9 @@ def _seed_updates(cfg: Any, seed: int | None) -> dict[str, Any]:
 
 def kept_summary(plan: Any) -> str:
     """One line: which parameters the plan keeps at the base value."""
-    kept = [e.name for e in plan.entries if e.treatment.value == "keep"]
+    from acemerge.plan import Treatment
+
+    kept = [e.name for e in plan.entries if e.treatment is Treatment.KEEP]
     if not kept:
         return "kept at the base value: nothing (every parameter is merged)"
     shown = ", ".join(kept[:4]) + (f", ... ({len(kept)} in all)" if len(kept) > 4 else "")

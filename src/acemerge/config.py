@@ -47,6 +47,12 @@ def dtype_name(value: str | None) -> str | None:
     return name
 
 
+def absolute_path(text: str) -> str:
+    """An existing local path made absolute; anything else (a hub id) unchanged."""
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
+
+
 class ModelEntry(BaseModel):
     """One expert."""
 
@@ -147,15 +153,11 @@ class MergeConfig(BaseModel):
     def with_absolute_paths(self) -> MergeConfig:
         """The config with every existing local path made absolute (hub ids unchanged), so
         that its YAML reruns from any folder."""
-        def absolute(text: str) -> str:
-            path = Path(text).expanduser()
-            return str(path.resolve()) if path.exists() else text
-
         return self.model_copy(update={
-            "base_model": absolute(self.base_model),
-            "models": [entry.model_copy(update={"model": absolute(entry.model)})
+            "base_model": absolute_path(self.base_model),
+            "models": [entry.model_copy(update={"model": absolute_path(entry.model)})
                        for entry in self.models],
-            "statistics": [absolute(p) for p in self.statistics],
+            "statistics": [absolute_path(p) for p in self.statistics],
         })
 
     def to_yaml(self) -> str:

@@ -219,7 +219,8 @@ def _merge_low_rank(entry: PlanEntry, base_c: torch.Tensor, reader: TaskVectorRe
     factors = reader.factors(entry, base_c)
     if factors is None:
         return None
-    result = method.low_rank_rule(factors, params) if method.low_rank_rule else None
+    assert method.low_rank_rule is not None
+    result = method.low_rank_rule(factors, params)
     if result is None:
         return None
     merged = result.dense().to(base_c.dtype)

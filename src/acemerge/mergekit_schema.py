@@ -18,7 +18,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from acemerge.config import MergeConfig, build_config, config_from_mapping, describe_config_error
+from acemerge.config import (
+    MergeConfig,
+    absolute_path,
+    build_config,
+    config_from_mapping,
+    describe_config_error,
+)
 from acemerge.errors import AceMergeError
 from acemerge.io.model_folder import chat_template_text
 from acemerge.schedule import ParameterSchedule, layer_count
@@ -183,15 +189,11 @@ def mergekit_yaml(cfg: MergeConfig) -> str:
     """The mergekit document with every existing local path made absolute."""
     doc = dict(cfg.mergekit or {})
 
-    def absolute(text: str) -> str:
-        path = Path(text).expanduser()
-        return str(path.resolve()) if path.exists() else text
-
     if doc.get("base_model"):
-        doc["base_model"] = absolute(doc["base_model"])
-    doc["models"] = [{**m, "model": absolute(m["model"])} for m in doc.get("models", [])]
+        doc["base_model"] = absolute_path(doc["base_model"])
+    doc["models"] = [{**m, "model": absolute_path(m["model"])} for m in doc.get("models", [])]
     if doc.get("tokenizer_source") not in (None, "base", "union"):
-        doc["tokenizer_source"] = absolute(doc["tokenizer_source"])
+        doc["tokenizer_source"] = absolute_path(doc["tokenizer_source"])
     return yaml.safe_dump(doc, sort_keys=False)
 
 

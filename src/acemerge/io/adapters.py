@@ -60,10 +60,8 @@ class LoraModule:
 
     def delta(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """s * B @ A in the base weight's layout."""
-        assert self.a is not None and self.b is not None
-        product = self.b.to(device=device, dtype=dtype) @ self.a.to(device=device, dtype=dtype)
-        product = product * self.scale
-        return product.T if self.transpose else product
+        left, right = self.factors(dtype, device)
+        return left @ right
 
 
 def is_adapter_folder(path: Path) -> bool:

@@ -201,7 +201,12 @@ def heterogeneity(task_vectors: list[Tensor], tau: float = 0.3, statistic: str =
                   tau_log_std: float = 1.0) -> Heterogeneity:
     """Stage 1 of Algorithm 1: energies, gamma and whether gamma > tau (or, with
     ``statistic="log_std"``, whether log_std > tau_log_std)."""
-    energies = task_energies(task_vectors)
+    return heterogeneity_of(task_energies(task_vectors), tau, statistic, tau_log_std)
+
+
+def heterogeneity_of(energies: Tensor, tau: float = 0.3, statistic: str = "gamma",
+                     tau_log_std: float = 1.0) -> Heterogeneity:
+    """:func:`heterogeneity` from the task energies."""
     gamma, log_std = heterogeneity_gamma(energies), heterogeneity_log_std(energies)
     heterogeneous = log_std > tau_log_std if statistic == "log_std" else gamma > tau
     return Heterogeneity(energies=energies, gamma=gamma, heterogeneous=heterogeneous,
@@ -223,6 +228,12 @@ def task_ridge(centered: Tensor, proxy: Tensor, params: AceParams) -> float:
     if params.eps == "paper":
         raise AceMergeError("eps=paper is resolved from the base model's config.json: merge "
                             "through acemerge.merge / merge_state_dicts(config=...)")
+    return fixed_ridge(mean_eigenvalue, params)
+
+
+def fixed_ridge(mean_eigenvalue: float, params: AceParams) -> float:
+    """A number eps as a ridge: as is (the paper), or rho times the mean eigenvalue."""
+    assert isinstance(params.eps, float | int)
     return params.eps * mean_eigenvalue if params.eps_mode == "relative" else params.eps
 
 
@@ -363,9 +374,8 @@ def ace_low_rank(factors: list[Factored], params: AceParams) -> Factored | None:
     dtype = compute_dtype_of(factors[0].left)
     d_out, d_in = factors[0].shape
     energies = _factored_energies(factors)
-    gamma, log_std = heterogeneity_gamma(energies), heterogeneity_log_std(energies)
-    het = log_std > params.tau_log_std if params.heterogeneity == "log_std" \
-        else gamma > params.tau
+    het = heterogeneity_of(energies, params.tau, params.heterogeneity,
+                           params.tau_log_std).heterogeneous
     normalize = het and params.adaptive_normalization
     refine = het and params.spectral_refinement
     a_cat = torch.cat([f.right for f in factors]).double()  # R x d_in
@@ -406,7 +416,7 @@ def _blocks(factors: list[Factored], b_centered: list[Tensor], params: AceParams
         a = f.right.double()
         k_tt, g = a @ a.T, b.T @ b
         trace = float((g * k_tt).sum())  # tr(S_t)
-        ridge = params.eps * trace / d_in if params.eps_mode == "relative" else params.eps
+        ridge = fixed_ridge(trace / d_in, params)
         scale = 1.0 / (trace + LOG_FLOOR) if normalize else 1.0
         eps_t = ridge * scale
         g_tilde = g * scale
