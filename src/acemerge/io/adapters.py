@@ -22,11 +22,11 @@ import torch
 
 from acemerge.errors import AceMergeError
 from acemerge.io.readers import (
-    _HUB_ID,
     Checkpoint,
-    _download,
-    _one_line,
+    download,
     load_torch_state_dict,
+    looks_like_hub_id,
+    one_line,
     open_checkpoint,
     open_folder,
     read_safetensors_header,
@@ -75,7 +75,7 @@ def read_adapter_config(folder: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AceMergeError(f"{path}: invalid JSON ({_one_line(exc)})") from None
+        raise AceMergeError(f"{path}: invalid JSON ({one_line(exc)})") from None
     kind = str(config.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise AceMergeError(f"{path}: adapter type {kind} is not supported (LoRA only)")
@@ -237,8 +237,8 @@ def open_expert(source: str, base: Checkpoint, allow_base_mismatch: bool = False
     path = Path(source).expanduser()
     if is_adapter_folder(path):
         return LoraExpert(path, base, source, allow_base_mismatch)
-    if not path.exists() and not source.startswith((".", "/", "~")) and _HUB_ID.match(source):
-        folder = _download(source)
+    if looks_like_hub_id(source):
+        folder = download(source)
         if is_adapter_folder(folder):
             return LoraExpert(folder, base, source, allow_base_mismatch)
         return open_folder(folder, label=source)

@@ -73,7 +73,7 @@ class Checkpoint(ABC):
         except KeyError:
             raise AceMergeError(f"{self.label}: no parameter '{name}'") from None
         except Exception as exc:  # noqa: BLE001 - any read failure is bad input here
-            raise AceMergeError(f"{self.label}: cannot read '{name}': {_one_line(exc)}") from None
+            raise AceMergeError(f"{self.label}: cannot read '{name}': {one_line(exc)}") from None
 
 
 class StateDictCheckpoint(Checkpoint):
@@ -140,7 +140,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torc
                 for name, s in slices.items()
             }
     except (SafetensorError, OSError, ValueError) as exc:
-        raise AceMergeError(f"{path}: not a valid safetensors file ({_one_line(exc)})") from None
+        raise AceMergeError(f"{path}: not a valid safetensors file ({one_line(exc)})") from None
     unknown = [n for n, (_, dtype) in specs.items() if dtype is None]
     if unknown:
         raise AceMergeError(f"{path}: unsupported dtype for '{unknown[0]}'")
@@ -157,7 +157,7 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling failures come in many types
-        raise AceMergeError(f"{path}: not a PyTorch checkpoint ({_one_line(exc)})") from None
+        raise AceMergeError(f"{path}: not a PyTorch checkpoint ({one_line(exc)})") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -167,6 +167,12 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if bad:
         raise AceMergeError(f"{path}: entry '{bad[0]}' is not a tensor")
     return obj
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """A name that is not an existing path and could be a Hub repository id."""
+    return (not Path(text).expanduser().exists() and not text.startswith((".", "/", "~"))
+            and _HUB_ID.match(text) is not None)
 
 
 def open_checkpoint(source: str | os.PathLike | dict) -> Checkpoint:
@@ -179,8 +185,8 @@ def open_checkpoint(source: str | os.PathLike | dict) -> Checkpoint:
         return open_folder(path)
     if path.is_file():
         return _open_file(path)
-    if not text.startswith((".", "/", "~")) and _HUB_ID.match(text):  # e.g. gpt2, org/name
-        return open_folder(_download(text), label=text)
+    if looks_like_hub_id(text):  # e.g. gpt2, org/name
+        return open_folder(download(text), label=text)
     raise AceMergeError(f"{text}: no such file or folder")
 
 
@@ -230,7 +236,7 @@ def _read_config(folder: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AceMergeError(f"{path}: invalid JSON ({_one_line(exc)})") from None
+        raise AceMergeError(f"{path}: invalid JSON ({one_line(exc)})") from None
 
 
 def _index_files(folder: Path, index_name: str) -> list[Path]:
@@ -238,7 +244,7 @@ def _index_files(folder: Path, index_name: str) -> list[Path]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise AceMergeError(f"{index_path}: invalid index ({_one_line(exc)})") from None
+        raise AceMergeError(f"{index_path}: invalid index ({one_line(exc)})") from None
     files = [folder / name for name in dict.fromkeys(weight_map.values())]
     missing = [f for f in files if not f.is_file()]
     if missing:
@@ -246,7 +252,7 @@ def _index_files(folder: Path, index_name: str) -> list[Path]:
     return files
 
 
-def _download(repo_id: str) -> Path:
+def download(repo_id: str) -> Path:
     """Resolve a hub id through huggingface_hub (honours HF_HUB_OFFLINE and the cache)."""
     from huggingface_hub import snapshot_download
 
@@ -258,10 +264,10 @@ def _download(repo_id: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - offline, missing, gated, network...
         raise AceMergeError(
             f"{repo_id}: not a local path, and the Hugging Face Hub could not provide it "
-            f"({_one_line(exc)})"
+            f"({one_line(exc)})"
         ) from None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
