@@ -168,21 +168,19 @@ def merge_from_config(
         for e in plan.entries
     ]
     with staged_output_folder(out, overwrite) as staging:
-        if cfg.out_format == "lora":
+        lora = cfg.out_format == "lora"
+        writer: LoraAdapterWriter | ShardedSafetensorsWriter
+        if lora:
             rank = None if cfg.out_rank in (None, "exact") else int(cfg.out_rank)
-            adapter = LoraAdapterWriter(staging, plan, base, cfg.base_model, rank)
-            steps = _run(cfg, base, experts, adapter.add, plan=plan, progress=progress,
-                         observer=observer, statistics=statistics, emit_updates=True)
-            adapter.close()
+            writer = LoraAdapterWriter(staging, plan, base, cfg.base_model, rank)
         else:
             writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes)
-            steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
-                         observer=observer, statistics=statistics)
-            writer.close()
-        write_model_folder_extras(staging, base, cfg, plan, copy_tokenizer=copy_tokenizer,
-                                  write_card=write_card,
-                                  adapter_energy=adapter.energy
-                                  if cfg.out_format == "lora" else None)
+        steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
+                     observer=observer, statistics=statistics, emit_updates=lora)
+        writer.close()
+        write_model_folder_extras(
+            staging, base, cfg, plan, copy_tokenizer=copy_tokenizer, write_card=write_card,
+            adapter_energy=writer.energy if isinstance(writer, LoraAdapterWriter) else None)
     return MergeResult(out=out, plan=plan, steps=steps, seconds=time.perf_counter() - start)
 
 
