@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from acemerge.bench.runner import Benchmark, BenchResult, Row
 from acemerge.bench.suite import BuiltSuite
 from acemerge.engine import Observer
-from acemerge.methods.ace import paper_eps
+from acemerge.methods.ace import AceParams, paper_eps
 from acemerge.methods.shrinkage import auto_ridge_ratio
 from acemerge.plan import PlanEntry, Treatment
 
@@ -68,9 +68,15 @@ def run_eps_study(built: BuiltSuite, *, compared: tuple[str, ...] = COMPARED,
     main = BenchResult(built.name, tasks, bench.reference_rows())
     sweeps = BenchResult(built.name, tasks, [])
     resolved = paper_eps(bench.config)
-    main.rows.append(_ace_row(bench, "ace (paper default eps=1e-05)", {}, "fixed default"))
-    main.rows.append(_ace_row(bench, f"ace eps=paper (= {resolved:g})", {"eps": "paper"},
-                              "the paper's per-model eps, from config.json"))
+    default = _ace_row(bench, "ace (paper default eps=1e-05)", {}, "fixed default")
+    paper_label, paper_note = f"ace eps=paper (= {resolved:g})", \
+        "the paper's per-model eps, from config.json"
+    main.rows.append(default)
+    if resolved == AceParams().eps:  # the same merge: score it once
+        main.rows.append(replace(default, label=paper_label, params={"eps": "paper"},
+                                 note=paper_note))
+    else:
+        main.rows.append(_ace_row(bench, paper_label, {"eps": "paper"}, paper_note))
     auto_rho = {}
     for rule in AUTO_RULES:
         rhos: list[float] = []
@@ -92,8 +98,8 @@ def run_eps_study(built: BuiltSuite, *, compared: tuple[str, ...] = COMPARED,
                                     for r in sweeps.rows))
     absolute = [r for r in sweeps.rows if "eps_mode" not in r.params]
     best = max(absolute, key=lambda r: r.mean_normalized)
-    main.rows.append(Row(**{**best.__dict__, "label": f"ace oracle-best eps={best.params['eps']:g}",
-                            "note": "ORACLE: eps chosen on the test set"}))
+    main.rows.append(replace(best, label=f"ace oracle-best eps={best.params['eps']:g}",
+                             note="ORACLE: eps chosen on the test set"))
     for name in compared:
         params: dict[str, Any] = {}
         main.rows += bench.method_rows(name, params, tune)
