@@ -99,12 +99,13 @@ def test_engine_takes_the_low_rank_path_for_adapters(method, llama, monkeypatch)
     monkeypatch.setattr(engine, "_merge_low_rank", counting)
     fast: dict[str, torch.Tensor] = {}
     _run(cfg, base, experts, fast.__setitem__)
+    calls = len(used)
     # the dense reference in float64: a float32 dense ACE solve at eps 1e-5 on rank-deficient
     # proxies is ~40% off (measured), the low-rank path's float64 core is not
     dense: dict[str, torch.Tensor] = {}
-    _run(cfg.model_copy(update={"compute_dtype": "float64"}), base, experts,
-         dense.__setitem__, observer=lambda *args: None)
-    assert used and all(used)
+    _run(cfg.model_copy(update={"compute_dtype": "float64", "low_rank": False}), base,
+         experts, dense.__setitem__)
+    assert calls and all(used) and len(used) == calls  # low_rank=False: the dense rule only
     worst = max(float((fast[k].double() - dense[k].double()).abs().max()
                       / dense[k].double().abs().max().clamp_min(1e-12)) for k in dense)
     assert worst < 1e-5

@@ -205,7 +205,7 @@ def _run(
         device=resolve_device(cfg.device), dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
         progress=progress, observer=observer, stats=statistics,
         tensor_params=_scheduled_params(cfg, base) if cfg.mergekit else None,
-        emit_updates=emit_updates,
+        emit_updates=emit_updates, low_rank=cfg.low_rank,
     )
 
 

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "rank; the default for methods whose update is low-rank)")
     m.add_argument("--allow-base-mismatch", action="store_true",
                    help="merge LoRA adapters whose adapter_config.json names another base")
+    m.add_argument("--no-low-rank", action="store_true",
+                   help="materialize LoRA experts' task vectors and run the method's dense "
+                   "rule (same result; for comparison and timing)")
     m.add_argument("--statistics", action="append", default=[], metavar="FILE",
                    help="per-expert statistics file for regmean/fisher (repeat, in order)")
     m.add_argument("--dtype", help="output dtype (default: the base's)")
@@ -159,6 +162,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         updates["allow_base_mismatch"] = True
     if args.device:
         updates["device"] = args.device
+    if args.no_low_rank:
+        updates["low_rank"] = False
     updates.update(_seed_updates(cfg, args.random_seed))
     if args.out_format != "full" or args.out_rank is not None:
         updates["out_format"] = args.out_format

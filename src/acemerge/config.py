@@ -86,6 +86,9 @@ class MergeConfig(BaseModel):
     #: Output: a full model folder, or a PEFT LoRA adapter of rank out_rank (or "exact").
     out_format: Literal["full", "lora"] = "full"
     out_rank: int | Literal["exact"] | None = None
+    #: Keep LoRA experts factored where the method has a low-rank rule (exact, faster);
+    #: False materializes every task vector and runs the dense rule (for comparison).
+    low_rank: bool = True
 
     @model_validator(mode="after")
     def _adapter_output(self) -> MergeConfig:

@@ -106,6 +106,7 @@ def merge_stream(
     stats: StatisticsProvider | None = None,
     tensor_params: TensorParams | None = None,
     emit_updates: bool = False,
+    low_rank: bool = True,
 ) -> list[MergeStep]:
     """Merge every parameter of ``plan`` and hand each result to ``emit`` in plan order.
 
@@ -115,6 +116,8 @@ def merge_stream(
     (mergekit's filters and gradients); otherwise ``params`` and ``scale`` apply to all.
     With ``emit_updates`` the engine hands over lam * D (the merged update, in the compute
     dtype, stored layout) instead of the merged weight, and skips kept parameters.
+    ``low_rank`` lets LoRA experts stay factored where the method has a low-rank rule;
+    False materializes their task vectors for the dense rule.
     """
     check_expert_count(method, len(experts))
     check_compatible(base, experts, plan)
@@ -150,7 +153,7 @@ def merge_stream(
                                              else (params, scale))
                 base_c = reader.to_compute(base_tensor)
                 update = entry_scale * _merge_one(entry, base_c, reader, method, entry_params,
-                                                  observer, stats, start)
+                                                  observer, stats, start, low_rank)
                 if emit_updates:
                     emit(entry.name, update.cpu())
                 else:
@@ -240,13 +243,14 @@ def _merge_one(
     observer: Observer | None,
     stats: StatisticsProvider | None,
     start: float,
+    low_rank: bool = True,
 ) -> torch.Tensor:
     """The merged task vector D of one parameter (``base_c``: the base in the compute dtype),
     in its stored layout."""
     matrix = entry.treatment is Treatment.MATRIX
     if method.per_parameter is not None:
         params = method.per_parameter(params, entry.name)
-    if matrix and method.low_rank_rule is not None and observer is None:
+    if matrix and low_rank and method.low_rank_rule is not None and observer is None:
         merged = _merge_low_rank(entry, base_c, reader, method, params)
         if merged is not None:
             return merged
