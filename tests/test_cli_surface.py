@@ -137,5 +137,8 @@ def test_readme_bolds_the_best_entry_of_each_results_row():
 def test_methods_say_whether_lora_experts_stay_factored(capsys):
     assert main(["methods", "ace"]) == 0
     assert "LoRA experts: merged in factored (low-rank) form" in capsys.readouterr().out
-    assert main(["methods", "tsv"]) == 0
+    assert main(["methods", "iso_c"]) == 0
+    assert "factored (low-rank) form (materialized with flatten_over=all" in \
+        capsys.readouterr().out
+    assert main(["methods", "ties"]) == 0
     assert "materialized one parameter at a time" in capsys.readouterr().out

@@ -78,7 +78,8 @@ def test_linear_rules_concatenate_factors(method):
 from tests.test_lora_output import llama  # noqa: E402,F401  (the adapters fixture)
 
 
-@pytest.mark.parametrize("method", ["ace", "eigcov", "cart", "task_arithmetic", "average"])
+@pytest.mark.parametrize("method", ["ace", "eigcov", "cart", "task_arithmetic", "average",
+                                    "tsv", "iso_c"])
 def test_engine_takes_the_low_rank_path_for_adapters(method, llama, monkeypatch):  # noqa: F811
     from acemerge import engine
     from acemerge.api import _run, open_inputs
@@ -86,7 +87,8 @@ def test_engine_takes_the_low_rank_path_for_adapters(method, llama, monkeypatch)
 
     base_dir, adapters = llama
     cfg = build_config(merge_method=method, base_model=str(base_dir),
-                       models=[str(a) for a in adapters])
+                       models=[str(a) for a in adapters],
+                       parameters={"flatten_over": "rank"} if method == "iso_c" else {})
     base, experts = open_inputs(cfg)
     used = []
     original = engine._merge_low_rank
@@ -148,3 +150,41 @@ def test_cart_low_rank_equals_dense(shape, setting):
     params = cart.validate(setting)
     low = cart.low_rank_rule(parts, params)
     assert rel(low.dense(), cart.matrix_rule([f.dense() for f in parts], params)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("ranks", [(2, 5, 8), (8, 8, 8), (1, 0, 3)], ids=str)
+def test_tsv_low_rank_equals_dense(shape, ranks):
+    tsv = get("tsv")
+    parts = factors(shape, ranks=ranks, scales=(0.05, 0.5, 2.0))
+    params = tsv.validate({})
+    low = tsv.low_rank_rule(parts, params)
+    dense = tsv.matrix_rule([f.dense() for f in parts], params)
+    assert rel(low.dense(), dense) < 1e-6
+    assert low.left.shape[1] <= sum(ranks)
+
+
+def test_tsv_rank_cap_keeps_full_rank_results_and_removes_noise():
+    tsv = get("tsv")
+    gen = torch.Generator().manual_seed(1)
+    full = [torch.randn(24, 16, generator=gen, dtype=torch.float64) for _ in range(3)]
+    assert torch.equal(tsv(full), tsv(full, rank_cap="paper"))  # k = 5 <= every rank
+    parts = factors((64, 48), ranks=(2, 3, 4))
+    # the same experts as float32 full models (rounded weights minus a rounded base):
+    base = torch.randn(64, 48, generator=gen, dtype=torch.float64)
+    rounded = [(base + f.dense()).float() - base.float() for f in parts]  # float32 compute
+    exact = tsv([f.dense() for f in parts])
+    assert rel(tsv(rounded).double(), exact) < 1e-5
+    assert rel(tsv(rounded, rank_cap="paper").double(), exact) > 1e-2  # noise enters
+    assert tsv.low_rank_rule(parts, tsv.validate({"rank_cap": "paper"})) is None
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_iso_c_low_rank_equals_dense_when_flattening_the_rank(shape):
+    iso_c = get("iso_c")
+    parts = factors(shape)
+    params = iso_c.validate({"flatten_over": "rank"})
+    low = iso_c.low_rank_rule(parts, params)
+    assert rel(low.dense(), iso_c.matrix_rule([f.dense() for f in parts], params)) < 1e-6
+    assert low.left.shape[1] == 2 + 5 + 8
+    assert iso_c.low_rank_rule(parts, iso_c.validate({})) is None  # "all": no low-rank form

@@ -137,5 +137,5 @@ def test_non_matrix_is_mean_and_dtypes():
 def test_registry_entry():
     method = registry.get("tsv")
     assert method is tsv.METHOD
-    assert method.defaults() == {} and method.default_scale == 1.0
+    assert method.defaults() == {"rank_cap": "numerical"} and method.default_scale == 1.0
     assert method.other_rule_name == "mean"

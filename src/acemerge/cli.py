@@ -227,6 +227,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def lora_handling(method: Any) -> str:
+    """How a method merges LoRA experts, for ``acemerge methods``."""
+    if method.low_rank_rule is None:
+        return "task vectors materialized one parameter at a time"
+    unless = f" (materialized with {method.low_rank_except})" if method.low_rank_except else ""
+    return "merged in factored (low-rank) form" + unless
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from acemerge import methods
 
@@ -237,9 +245,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"  paper: {method.paper}")
         print(f"  default scale: {method.default_scale:g}; non-matrix parameters: "
               f"{method.other_rule_name}")
-        print("  LoRA experts: " + ("merged in factored (low-rank) form"
-                                    if method.low_rank_rule else
-                                    "task vectors materialized one parameter at a time"))
+        print("  LoRA experts: " + lora_handling(method))
         for pname, field in method.params.model_fields.items():
             setting = f"{pname}={field.default}"
             print(f"  {setting:<30} {field.description or ''}".rstrip())

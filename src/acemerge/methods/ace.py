@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from acemerge.errors import AceMergeError
-from acemerge.methods.lowrank import factored_svd
+from acemerge.methods.lowrank import factored_svd, numerical_rank
 from acemerge.methods.registry import (
     Factored,
     Method,
@@ -335,18 +335,6 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     return merged_pre + sigma_iso * (u[:, :rank] @ vh[:rank])  # Eq. 19
 
 
-def numerical_rank(singular_values: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """How many singular values exceed sigma_1 * max(max(d_out, d_in) * eps, sqrt(eps)) for
-    the compute dtype's eps: torch.linalg.matrix_rank's tolerance, raised to sqrt(eps)
-    because W_fused comes out of an ill-conditioned solve (measured: rank-64 LoRA updates
-    gave float64 "zero" singular values at 3e-9 sigma_1, far above 2048 * eps)."""
-    if singular_values.numel() == 0:
-        return 0
-    eps = torch.finfo(dtype).eps
-    tolerance = float(singular_values[0]) * max(max(shape) * eps, eps ** 0.5)
-    return int((singular_values > tolerance).sum())
-
-
 # --- the same rule on factored task vectors D_t = B_t A_t (LoRA experts) ------------------
 #
 # With R = sum_t r_t, A = [A_1; ...; A_T] (R x d_in), B~_t = B_t - 1 mean_row(B_t) (Eq. 5),
@@ -455,6 +443,8 @@ METHOD = register(
     Method(
         low_rank_output=True,
         low_rank_rule=ace_low_rank,
+        low_rank_except="eps=auto, eps=0, solver=inverse, or refine_rank=paper "
+        "where k exceeds the numerical rank",
         name="ace",
         params=AceParams,
         matrix_rule=ace_matrix,

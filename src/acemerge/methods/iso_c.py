@@ -16,6 +16,12 @@ so the result is full rank and partly arbitrary. ``flatten_over="rank"`` keeps o
 numerical rank (singular values above rtol * sigma_max, rtol = max(d_out, d_in) * machine
 eps, the torch.linalg.matrix_rank cutoff) and averages over those; for a full-rank sum,
 the normal case for fine-tuned weights, both agree exactly.
+
+Low-rank path (LoRA experts D_t = B_t A_t, ``flatten_over="rank"`` only): the sum is
+[B_1 ... B_T][A_1; ...; A_T]; its thin SVD from two QRs and a (sum r_t)^2 core,
+O(d (T r)^2 + (T r)^3), equal to the dense rule. ``"all"`` has no low-rank form (it puts
+sigma_bar on null directions the SVD picks), so it materializes the task vectors; on
+adapters use ``flatten_over=rank``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.lowrank import factored_svd
+from acemerge.methods.registry import Factored, Method, MethodParams, compute_dtype_of, register
 
 Tensor = torch.Tensor
 
@@ -39,11 +46,12 @@ class IsoCParams(MethodParams):
     )
 
 
-def numerical_rank(s: Tensor, shape: tuple[int, int]) -> int:
-    """How many singular values exceed max(shape) * eps * s_max (0 for a zero matrix)."""
+def numerical_rank(s: Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None) -> int:
+    """How many singular values exceed max(shape) * eps * s_max (0 for a zero matrix), eps
+    of ``dtype`` (default: the singular values' own)."""
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0
-    cutoff = max(shape) * torch.finfo(s.dtype).eps * s[0]
+    cutoff = max(shape) * torch.finfo(dtype or s.dtype).eps * s[0]
     return int((s > cutoff).sum())
 
 
@@ -60,8 +68,22 @@ def iso_c_matrix(task_vectors: list[Tensor], params: IsoCParams) -> Tensor:
     return s.mean() * (u @ vh)  # flat spectrum: every singular value sigma_bar
 
 
+def iso_c_low_rank(factors: list[Factored], params: IsoCParams) -> Factored | None:
+    """Iso-C with ``flatten_over="rank"`` on factored task vectors (float64 core)."""
+    if params.flatten_over != "rank":
+        return None
+    dtype = compute_dtype_of(factors[0].left)
+    u, s, vh = factored_svd(torch.cat([f.left.double() for f in factors], dim=1),
+                            torch.cat([f.right.double() for f in factors]))
+    keep = numerical_rank(s, factors[0].shape, dtype)
+    sigma_bar = float(s[:keep].mean()) if keep else 0.0
+    return Factored((sigma_bar * u[:, :keep]).to(dtype), vh[:keep].to(dtype))
+
+
 METHOD = register(
     Method(
+        low_rank_rule=iso_c_low_rank,
+        low_rank_except="flatten_over=all, the default",
         name="iso_c",
         params=IsoCParams,
         matrix_rule=iso_c_matrix,

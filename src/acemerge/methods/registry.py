@@ -99,6 +99,8 @@ class Method:
     #: matrix as Factored in O(d (T r)^2 + (T r)^3), or None where it does not apply (the
     #: engine then merges the dense task vectors). Must equal the dense rule.
     low_rank_rule: Callable[[list[Factored], Any], Factored | None] | None = None
+    #: Where the low-rank rule declines (returns None), as ``acemerge methods`` says it.
+    low_rank_except: str = ""
     #: How many task vectors the method takes (SLERP: exactly one).
     min_experts: int = 2
     max_experts: int | None = None
