@@ -208,7 +208,9 @@ def test_refinement_rank_is_capped_at_the_numerical_rank_of_w_fused():
 
     capped = [ace(tvs, eps=1e-3) for tvs in (exact, stored)]
     paper = [ace(tvs, eps=1e-3, refine_rank="paper") for tvs in (exact, stored)]
-    assert rel(capped[1], capped[0]) < 1e-5
+    truth = ace(low_rank_experts(), eps=1e-3)  # float64
+    # float32 rounding in this ill-conditioned solve alone leaves both ~1e-5 from float64
+    assert all(rel(c.double(), truth) < 3e-5 for c in capped)
     assert rel(paper[1], paper[0]) > 1e-2  # noise directions differ
 
 

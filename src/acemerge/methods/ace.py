@@ -248,12 +248,12 @@ def _warn_once(message: str) -> None:
         logging.getLogger("acemerge").warning("ace: %s (said once)", message)
 
 
-def times_gram(left: Tensor, centered: Tensor) -> Tensor:
-    """left @ (C^T C), multiplied in whichever order is cheaper for C's shape."""
+def times_proxy(centered: Tensor, proxy: Tensor) -> Tensor:
+    """C (C^T C) given the proxy C^T C: as (C C^T) C where that is cheaper (2 d_out < d_in)."""
     d_out, d_in = centered.shape
-    if d_out < d_in:
-        return (left @ centered.T) @ centered
-    return left @ (centered.T @ centered)
+    if 2 * d_out < d_in:
+        return (centered @ centered.T) @ centered
+    return centered @ proxy
 
 
 def solve_right(numerator: Tensor, system: Tensor, solver: str) -> Tensor:
@@ -270,13 +270,83 @@ def solve_right(numerator: Tensor, system: Tensor, solver: str) -> Tensor:
     return numerator @ torch.linalg.pinv(system)
 
 
+def solve_prior_system(numerator: Tensor, symmetric: Tensor, prior_row: Tensor | None
+                       ) -> Tensor | None:
+    """numerator @ (A + 1 c^T)^-1 for symmetric positive definite A (Eq. 14 with the prior
+    of Eq. 13): a Cholesky factor of A and Sherman-Morrison for the rank-one term,
+        X = Y - (Y 1) (A^-1 c)^T / (1 + c^T A^-1 1),   Y = numerator A^-1,
+    half the factorization work of LU on the non-symmetric system. None when A is not
+    numerically positive definite or the rank-one update is singular (callers fall back)."""
+    factor, info = torch.linalg.cholesky_ex(symmetric)
+    if int(info) != 0:
+        return None
+    y = torch.cholesky_solve(numerator.T, factor).T  # numerator A^-1 (A symmetric)
+    if prior_row is None:
+        return y if torch.isfinite(y).all() else None
+    ones = torch.ones_like(prior_row)
+    w, v = torch.cholesky_solve(torch.stack([ones, prior_row], dim=1), factor).unbind(dim=1)
+    denominator = 1.0 + float(prior_row @ w)
+    if abs(denominator) < 1e-12:
+        return None
+    result = y - torch.outer(y.sum(dim=1), v / denominator)
+    return result if torch.isfinite(result).all() else None
+
+
 def singular_triplets(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD. On CPU a float32 matrix is decomposed in float64: on this project's
-    2-core machine torch's float32 CPU SVD of a 2048 x 2048 matrix took 18 s, float64 2 s."""
+    """Thin SVD; on CPU a float32 matrix is decomposed in float64 (its small singular values
+    decide the numerical rank)."""
     if matrix.device.type == "cpu" and matrix.dtype == torch.float32:
         u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
         return u.float(), s.float(), vh.float()
     return torch.linalg.svd(matrix, full_matrices=False)
+
+
+#: The top-k refinement uses the Gram eigendecomposition only while sigma_k / sigma_1 stays
+#: above this: the float64 Gram's eigenvalues carry errors ~ eps64 * sigma_1^2, i.e. a
+#: relative error of eps64 (sigma_1 / sigma_k)^2 / 2 in sigma_k (< 1e-10 here).
+GRAM_MIN_RATIO = 1e-3
+
+
+def top_singular_part(matrix: Tensor, rank: int, cap_dtype: torch.dtype | None
+                      ) -> tuple[float, Tensor] | None:
+    """sigma_iso and U_k V_k^T of the top ``rank`` singular triplets (Eqs. 18-19), with k
+    capped at the numerical rank when ``cap_dtype`` is given (tolerance of that dtype);
+    None for k = 0.
+
+    On CPU: the eigendecomposition of the smaller Gram matrix in float64 (W^T W or W W^T,
+    r x r), U_k V_k^T = W V_k diag(1/sigma_k) V_k^T; a full SVD where the top-k spectrum
+    falls below GRAM_MIN_RATIO sigma_1 or the numerical-rank cap binds. On CUDA: a full SVD
+    in the matrix's dtype (no float64 round trip)."""
+    if matrix.device.type == "cpu":
+        part = _top_part_from_gram(matrix, rank, cap_dtype)
+        if part is not None:
+            return part
+    u, s, vh = singular_triplets(matrix)
+    if cap_dtype is not None:
+        rank = min(rank, numerical_rank(s, tuple(matrix.shape), cap_dtype))
+    if rank == 0:
+        return None
+    return float(s[:rank].mean()), u[:, :rank] @ vh[:rank]
+
+
+def _top_part_from_gram(matrix: Tensor, rank: int, cap_dtype: torch.dtype | None
+                        ) -> tuple[float, Tensor] | None:
+    """:func:`top_singular_part` through the Gram matrix, or None where it is not accurate
+    enough (the caller then takes the full SVD)."""
+    wide = matrix.shape[0] < matrix.shape[1]
+    w = matrix.double()
+    gram = w @ w.T if wide else w.T @ w
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    s = values.flip(0).clamp_min(0).sqrt()
+    if s.numel() == 0 or float(s[0]) == 0.0 or float(s[rank - 1]) < GRAM_MIN_RATIO * float(s[0]):
+        return None
+    if cap_dtype is not None and numerical_rank(s, tuple(matrix.shape), cap_dtype) < rank:
+        return None
+    basis = vectors.flip(1)[:, :rank]  # V_k (tall) or U_k (wide)
+    scaled = basis / s[:rank]
+    # U_k V_k^T = (W V_k diag(1/s)) V_k^T (tall), U_k (diag(1/s) U_k^T W) (wide)
+    product = basis @ (scaled.T @ w) if wide else (w @ scaled) @ basis.T
+    return float(s[:rank].mean()), product.to(matrix.dtype)
 
 
 def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
@@ -288,16 +358,19 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     refine = stats.heterogeneous and params.spectral_refinement
 
     d_out, d_in = task_vectors[0].shape
-    eye = torch.eye(d_in, dtype=dtype, device=task_vectors[0].device)
-    sum_reg = torch.zeros(d_in, d_in, dtype=dtype, device=eye.device)  # sum_t Sigma_t,reg
-    numerator = torch.zeros(d_out, d_in, dtype=dtype, device=eye.device)
-    prior_row = torch.zeros(d_in, dtype=dtype, device=eye.device)
-    weighted_sum = torch.zeros_like(numerator) if refine else None  # sum_t D_t Sigma~_t
+    device = task_vectors[0].device
+    sum_reg = torch.zeros(d_in, d_in, dtype=dtype, device=device)  # sum_t Sigma_t,reg
+    numerator = torch.zeros(d_out, d_in, dtype=dtype, device=device)
+    prior_row = torch.zeros(d_in, dtype=dtype, device=device)
+    # the residual's sum_t D_t Sigma~_t is rebuilt from the numerator (see below):
+    ridge_terms = torch.zeros_like(numerator) if refine else None  # sum_t eps_t C_t
+    mean_terms = torch.zeros(d_in, dtype=dtype, device=device)  # sum_t mu_t^T Sigma~_t
     task_sum = torch.zeros_like(numerator) if refine else None  # sum_t D_t
 
     for tv in task_vectors:
         delta = tv.to(dtype)
-        centered = delta - delta.mean(dim=0, keepdim=True)  # Eq. 5: mean over the d_out axis
+        mean_row = delta.mean(dim=0)  # mu_t
+        centered = delta - mean_row  # Eq. 5: mean over the d_out axis
         proxy = centered.T @ centered  # Eq. 6: Sigma^_t
         ridge = task_ridge(centered, proxy, params)  # eps (paper), or relative / auto
         if normalize:
@@ -306,33 +379,41 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
         else:
             scale, eps_t = 1.0, ridge  # Eq. 10
         scaled = proxy * scale  # Sigma~_t (Eq. 15)
-        sum_reg += scaled + eps_t * eye  # Sigma_t,reg
-        numerator += times_gram(centered, centered) * scale + eps_t * centered  # W~_t Sigma_t,reg
+        sum_reg += scaled
+        sum_reg.diagonal().add_(eps_t)  # Sigma_t,reg
+        numerator += times_proxy(centered, proxy) * scale + eps_t * centered  # W~_t Sigma_t,reg
         prior_row += scaled.mean(dim=0)  # Eq. 11: mean row of sum_t Sigma~_t
         if refine:
-            weighted_sum += times_gram(delta, centered) * scale
+            ridge_terms += eps_t * centered
+            mean_terms += mean_row @ scaled
             task_sum += delta
 
-    system = sum_reg
+    prior = None
     if params.collective_prior:
         if normalize:
             prior_row = prior_row / (stats.energies.mean().to(dtype) + LOG_FLOOR)  # Eqs. 12-13
-        system = sum_reg + prior_row.unsqueeze(0)  # + 1 c^T, broadcast onto every row
-    merged_pre = solve_right(numerator, system, params.solver)  # Eq. 14
+        prior = prior_row  # the system is sum_reg + 1 c^T (c^T broadcast onto every row)
+    merged_pre = None if params.solver == "inverse" else \
+        solve_prior_system(numerator, sum_reg, prior)
+    if merged_pre is None:
+        system = sum_reg if prior is None else sum_reg + prior.unsqueeze(0)
+        merged_pre = solve_right(numerator, system, params.solver)  # Eq. 14
     if not refine:
         return merged_pre
 
-    residual = weighted_sum - task_sum @ (sum_reg / len(task_vectors))  # Eqs. 16-17
+    # Eqs. 16-17. D_t = C_t + 1 mu_t^T, so D_t Sigma~_t = C_t Sigma~_t + 1 (mu_t^T Sigma~_t):
+    # sum_t D_t Sigma~_t = numerator - sum_t eps_t C_t + 1 sum_t mu_t^T Sigma~_t.
+    weighted_sum = numerator - ridge_terms + mean_terms
+    residual = weighted_sum - task_sum @ (sum_reg / len(task_vectors))
     rank = int(min(d_out, d_in) * params.k_frac)
     if rank == 0:
         return merged_pre
-    u, s, vh = singular_triplets(merged_pre + residual)  # W_fused
-    if params.refine_rank == "numerical":
-        rank = min(rank, numerical_rank(s, (d_out, d_in), dtype))
-        if rank == 0:
-            return merged_pre
-    sigma_iso = s[:rank].mean()  # Eq. 18
-    return merged_pre + sigma_iso * (u[:, :rank] @ vh[:rank])  # Eq. 19
+    cap = dtype if params.refine_rank == "numerical" else None
+    top = top_singular_part(merged_pre + residual, rank, cap)  # W_fused's top-k
+    if top is None:
+        return merged_pre
+    sigma_iso, directions = top  # Eq. 18
+    return merged_pre + sigma_iso * directions  # Eq. 19
 
 
 # --- the same rule on factored task vectors D_t = B_t A_t (LoRA experts) ------------------
