@@ -177,8 +177,10 @@ class Heterogeneity:
 
 
 def task_energies(task_vectors: list[Tensor]) -> Tensor:
-    """e_t = ||D_t||_F^2 = Tr(D_t^T D_t) of the uncentered task vectors (Eq. 12, App. A.4)."""
-    return torch.stack([tv.double().pow(2).sum() for tv in task_vectors])
+    """e_t = ||D_t||_F^2 = Tr(D_t^T D_t) of the uncentered task vectors (Eq. 12, App. A.4),
+    accumulated in float64."""
+    return torch.stack([torch.linalg.vector_norm(tv, dtype=torch.float64) ** 2
+                        for tv in task_vectors])
 
 
 def heterogeneity_gamma(energies: Tensor) -> float:
@@ -361,32 +363,34 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     device = task_vectors[0].device
     sum_reg = torch.zeros(d_in, d_in, dtype=dtype, device=device)  # sum_t Sigma_t,reg
     numerator = torch.zeros(d_out, d_in, dtype=dtype, device=device)
-    prior_row = torch.zeros(d_in, dtype=dtype, device=device)
+    eps_sum = 0.0
     # the residual's sum_t D_t Sigma~_t is rebuilt from the numerator (see below):
     ridge_terms = torch.zeros_like(numerator) if refine else None  # sum_t eps_t C_t
     mean_terms = torch.zeros(d_in, dtype=dtype, device=device)  # sum_t mu_t^T Sigma~_t
     task_sum = torch.zeros_like(numerator) if refine else None  # sum_t D_t
 
-    for tv in task_vectors:
+    for tv in task_vectors:  # in-place accumulation: no d_in x d_in temporaries
         delta = tv.to(dtype)
         mean_row = delta.mean(dim=0)  # mu_t
         centered = delta - mean_row  # Eq. 5: mean over the d_out axis
         proxy = centered.T @ centered  # Eq. 6: Sigma^_t
         ridge = task_ridge(centered, proxy, params)  # eps (paper), or relative / auto
         if normalize:
-            trace = torch.trace(proxy) + LOG_FLOOR
+            trace = float(torch.trace(proxy)) + LOG_FLOOR
             scale, eps_t = 1.0 / trace, ridge / trace  # Eqs. 8, 9
         else:
             scale, eps_t = 1.0, ridge  # Eq. 10
-        scaled = proxy * scale  # Sigma~_t (Eq. 15)
-        sum_reg += scaled
-        sum_reg.diagonal().add_(eps_t)  # Sigma_t,reg
-        numerator += times_proxy(centered, proxy) * scale + eps_t * centered  # W~_t Sigma_t,reg
-        prior_row += scaled.mean(dim=0)  # Eq. 11: mean row of sum_t Sigma~_t
+        sum_reg.add_(proxy, alpha=scale)  # Sigma~_t (Eq. 15); + eps_t I below
+        eps_sum += eps_t
+        numerator.add_(times_proxy(centered, proxy), alpha=scale)  # W~_t Sigma_t,reg =
+        numerator.add_(centered, alpha=eps_t)  # C_t Sigma~_t + eps_t C_t
         if refine:
-            ridge_terms += eps_t * centered
-            mean_terms += mean_row @ scaled
-            task_sum += delta
+            ridge_terms.add_(centered, alpha=eps_t)
+            mean_terms.add_((centered @ mean_row) @ centered, alpha=scale)  # (C mu)^T C
+            task_sum.add_(delta)
+    sum_reg.diagonal().add_(eps_sum)  # sum_t Sigma_t,reg
+    # Eq. 11: the mean row of sum_t Sigma~_t, i.e. of sum_reg without the ridge's eps_sum I
+    prior_row = sum_reg.mean(dim=0) - eps_sum / d_in
 
     prior = None
     if params.collective_prior:
@@ -403,8 +407,8 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
 
     # Eqs. 16-17. D_t = C_t + 1 mu_t^T, so D_t Sigma~_t = C_t Sigma~_t + 1 (mu_t^T Sigma~_t):
     # sum_t D_t Sigma~_t = numerator - sum_t eps_t C_t + 1 sum_t mu_t^T Sigma~_t.
-    weighted_sum = numerator - ridge_terms + mean_terms
-    residual = weighted_sum - task_sum @ (sum_reg / len(task_vectors))
+    weighted_sum = numerator.sub_(ridge_terms).add_(mean_terms)  # merged_pre is solved
+    residual = torch.addmm(weighted_sum, task_sum, sum_reg, alpha=-1.0 / len(task_vectors))
     rank = int(min(d_out, d_in) * params.k_frac)
     if rank == 0:
         return merged_pre
