@@ -71,19 +71,41 @@ def merge_state_dicts(
     (RegMean, Fisher), see :mod:`acemerge.statistics`.
     """
     base_ckpt = StateDictCheckpoint(base, "base")
+    base_ckpt.config = config
     expert_ckpts: list[Checkpoint] = [
         StateDictCheckpoint(sd, f"expert {i}") for i, sd in enumerate(experts)
     ]
-    base_ckpt.config = config
+    return merge_checkpoints(base_ckpt, expert_ckpts, method, scale, exclude=exclude,
+                             compute_dtype=compute_dtype, device=device, observer=observer,
+                             statistics=statistics, **params)
+
+
+def merge_checkpoints(
+    base: Checkpoint,
+    experts: list[Checkpoint],
+    method: str = "ace",
+    scale: float | None = None,
+    *,
+    exclude: tuple[str, ...] = (),
+    compute_dtype: str = "float32",
+    device: str = "auto",
+    low_rank: bool = True,
+    observer: Observer | None = None,
+    statistics: StatisticsProvider | None = None,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge opened checkpoints (LoRA adapters from :func:`open_expert` included) into an
+    in-memory state dict; ``base.config`` tells the architecture. ``low_rank=False``
+    materializes LoRA task vectors for the dense rule (see ``MergeConfig.low_rank``);
+    the rest is as in :func:`merge_state_dicts`."""
     cfg = build_config(
         merge_method=method, base_model="<memory>",
         models=[f"<memory {i}>" for i in range(len(experts))],
         parameters=params, scale=scale, compute_dtype=compute_dtype, device=device,
-        exclude=list(exclude),
+        exclude=list(exclude), low_rank=low_rank,
     )
     merged: dict[str, torch.Tensor] = {}
-    _run(cfg, base_ckpt, expert_ckpts, merged.__setitem__, observer=observer,
-         statistics=statistics)
+    _run(cfg, base, experts, merged.__setitem__, observer=observer, statistics=statistics)
     return merged
 
 

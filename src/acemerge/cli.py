@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("name", nargs="?", help="show one method only")
 
     b = sub.add_parser("bench", help="run the offline merge benchmark on a suite")
-    b.add_argument("suite", help="digits, gpt2-text or minilm")
+    b.add_argument("suite", help="digits, gpt2-text, gpt2-lora or minilm")
     b.add_argument("--methods", help="comma-separated methods (default: all)")
     b.add_argument("--data-free", action="store_true", help="skip RegMean and Fisher")
     b.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",

@@ -11,6 +11,7 @@ from acemerge.errors import AceMergeError
 SUITES = {
     "digits": "acemerge.bench.digits:DigitsSuite",
     "gpt2-text": "acemerge.bench.gpt2_text:Gpt2TextSuite",
+    "gpt2-lora": "acemerge.bench.gpt2_lora:Gpt2LoraSuite",
     "minilm": "acemerge.bench.minilm:MiniLMSuite",
 }
 

@@ -1,4 +1,5 @@
-"""Benchmark reports: markdown, CSV, JSON and a bar chart of normalized accuracy."""
+"""Benchmark reports: markdown, CSV, JSON and a bar chart of normalized accuracy (and,
+for LoRA experts, the low-rank vs dense merge timings)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import io
 import math
 from pathlib import Path
 
-from acemerge.bench.runner import BenchResult, Row
+from acemerge.bench.runner import BenchResult, Row, Timing
 
 
 def _pct(value: float) -> str:
@@ -49,7 +50,43 @@ def markdown_table(result: BenchResult) -> str:
     lines.append(f"\nSE: binomial per task, combined over tasks. wins: of the other "
                  f"{max(merged_count - 1, 0)} merged rows, how many this row beats by more "
                  "than 2 SE of the difference; smaller differences are ties.")
+    if result.timings:
+        lines.append("\n" + timing_table(result))
     return "\n".join(lines)
+
+
+TIMING_COLUMNS = ("method", "low-rank s", "dense s", "dense / low-rank",
+                  "max rel diff (weights)", "max rel diff (update)")
+
+
+def _timing_cells(timing: Timing) -> list[str]:
+    return [timing.method, f"{timing.low_rank_seconds:.4f}", f"{timing.dense_seconds:.4f}",
+            f"{timing.ratio:.2f}", f"{timing.max_rel_diff:.2e}",
+            f"{timing.max_rel_diff_update:.2e}"]
+
+
+def timing_table(result: BenchResult) -> str:
+    """Low-rank rule vs dense rule on the LoRA experts: seconds, ratio, agreement."""
+    lines = ["| " + " | ".join(TIMING_COLUMNS) + " |", "|" + "---|" * len(TIMING_COLUMNS)]
+    lines += ["| " + " | ".join(_timing_cells(t)) + " |" for t in result.timings]
+    repeats = result.timings[0].repeats
+    lines.append(f"\nEach method merged through the engine on the LoRA experts with its "
+                 f"low-rank rule and with low_rank=False (task vectors materialized, dense "
+                 f"rule), interleaved; seconds: the fastest of {repeats} merges each. "
+                 "max rel diff: max over tensors of max|low-rank - dense| over the larger max "
+                 "magnitude of the two (weights; updates: minus the base).")
+    return "\n".join(lines)
+
+
+def timing_csv_text(result: BenchResult) -> str:
+    """One line per timed method (the columns of :func:`timing_table`)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["suite", *TIMING_COLUMNS, "repeats"])
+    for t in result.timings:
+        writer.writerow([result.suite, t.method, t.low_rank_seconds, t.dense_seconds,
+                         t.ratio, t.max_rel_diff, t.max_rel_diff_update, t.repeats])
+    return buffer.getvalue()
 
 
 def csv_text(result: BenchResult) -> str:
@@ -87,7 +124,8 @@ def plot_normalized(result: BenchResult, path: Path) -> None:
 
 
 def write_report(result: BenchResult, out: Path, stem: str = "results") -> list[Path]:
-    """``{stem}.md``, ``.csv``, ``.json`` and ``{stem}_normalized.png`` under ``out``."""
+    """``{stem}.md``, ``.csv``, ``.json`` and ``{stem}_normalized.png`` under ``out``, and
+    ``{stem}_timing.csv`` when the result has low-rank vs dense timings."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.md", out / f"{stem}.csv", out / f"{stem}.json",
              out / f"{stem}_normalized.png"]
@@ -95,4 +133,7 @@ def write_report(result: BenchResult, out: Path, stem: str = "results") -> list[
     paths[1].write_text(csv_text(result))
     paths[2].write_text(result.to_json())
     plot_normalized(result, paths[3])
+    if result.timings:
+        paths.append(out / f"{stem}_timing.csv")
+        paths[-1].write_text(timing_csv_text(result))
     return paths

@@ -6,6 +6,10 @@ reported twice: at their default lambda, and with lambda chosen on a validation 
 out from each task's training data (never the test set). ACE and EigCov run at their fixed
 defaults, as their papers intend. RegMean and Fisher use statistics collected from each
 task's training data.
+
+When the experts are LoRA adapters, every method with a low-rank rule is also merged with
+``low_rank=False`` (materialized task vectors, the dense rule), interleaved with its
+low-rank merge: the timings and the two merges' largest difference go in ``timings``.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from acemerge import methods
-from acemerge.api import merge_state_dicts
+from acemerge.api import merge_checkpoints
 from acemerge.bench.suite import BuiltSuite
 from acemerge.engine import Observer
-from acemerge.io.readers import open_checkpoint
+from acemerge.io.adapters import is_adapter_folder, open_expert
+from acemerge.io.readers import Checkpoint, StateDictCheckpoint, open_checkpoint
 
 #: Methods whose papers tune lambda on validation data (reported default and tuned).
 TUNED_METHODS = ("task_arithmetic", "ties", "dare", "consensus", "cart", "tsv", "iso_c",
@@ -31,6 +37,8 @@ TUNED_METHODS = ("task_arithmetic", "ties", "dare", "consensus", "cart", "tsv", 
 #: The lambda grid searched on the validation split.
 LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0)
 DATA_DEPENDENT = ("regmean", "fisher")
+#: Interleaved low-rank/dense merges per method; the minimum of each is reported.
+TIMING_REPEATS = 3
 
 
 @dataclass
@@ -77,36 +85,83 @@ class Row:
 
 
 @dataclass
+class Timing:
+    """One method merged with its low-rank rule and densely (``low_rank=False``)."""
+
+    method: str
+    low_rank_seconds: float  # the fastest of ``repeats`` merges
+    dense_seconds: float
+    repeats: int
+    #: Largest relative difference of the two merges (:func:`max_relative_difference`),
+    #: on the merged weights and on the merged updates (weights minus the base).
+    max_rel_diff: float
+    max_rel_diff_update: float
+
+    @property
+    def ratio(self) -> float:
+        """Dense seconds over low-rank seconds (above 1: the low-rank rule is faster)."""
+        return self.dense_seconds / max(self.low_rank_seconds, 1e-12)
+
+
+@dataclass
 class BenchResult:
-    """A suite's table: task names and rows."""
+    """A suite's table: task names, rows and (LoRA experts) low-rank vs dense timings."""
 
     suite: str
     tasks: list[str]
     rows: list[Row] = field(default_factory=list)
+    timings: list[Timing] = field(default_factory=list)
 
     def to_json(self) -> str:
         rows = [asdict(r) | {"mean_accuracy": r.mean_accuracy,
                              "mean_normalized": r.mean_normalized,
                              "se_mean_accuracy": r.se_mean_accuracy,
                              "se_mean_normalized": r.se_mean_normalized} for r in self.rows]
-        return json.dumps({"suite": self.suite, "tasks": self.tasks, "rows": rows}, indent=2)
+        timings = [asdict(t) | {"ratio": t.ratio} for t in self.timings]
+        return json.dumps({"suite": self.suite, "tasks": self.tasks, "rows": rows,
+                           "timings": timings}, indent=2)
 
 
-def load_state_dict(folder) -> dict[str, torch.Tensor]:
+def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder."""
-    ckpt = open_checkpoint(folder)
-    return {name: ckpt.get(name) for name in ckpt.specs()}
+    return open_checkpoint(folder).state_dict()
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
+                            base: dict[str, torch.Tensor] | None = None) -> float:
+    """max over floating tensors of max|a - b| / max(|a|, |b|) (of ``a - base`` and
+    ``b - base`` when ``base`` is given); 0 where both are 0."""
+    worst = 0.0
+    for name, right in b.items():
+        if not right.is_floating_point() or right.numel() == 0:
+            continue
+        left, right = a[name].double(), right.double()
+        if base is not None:
+            left, right = left - base[name].double(), right - base[name].double()
+        scale = float(torch.maximum(left.abs().max(), right.abs().max()))
+        if scale > 0:
+            worst = max(worst, float((left - right).abs().max()) / scale)
+    return worst
 
 
 class Benchmark:
-    """Holds a built suite's base and experts in memory and scores merges."""
+    """Holds a built suite's base and experts in memory and scores merges.
+
+    Merges go through the engine with the experts as checkpoints: a model folder's
+    tensors, or a LoRA adapter read on the base (factored where a method's low-rank rule
+    applies). ``experts`` holds their dense encoders, for the expert rows.
+    """
 
     def __init__(self, built: BuiltSuite) -> None:
         self.built = built
         self.base = load_state_dict(built.base_dir)
-        self.experts = [load_state_dict(d) for d in built.expert_dirs]
         config_path = built.base_dir / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        self.base_checkpoint = StateDictCheckpoint(self.base, str(built.base_dir))
+        self.base_checkpoint.config = self.config
+        self.expert_checkpoints = [self._open_expert(d) for d in built.expert_dirs]
+        self.experts = [e.state_dict() for e in self.expert_checkpoints]
+        self.lora_experts = all(is_adapter_folder(d) for d in built.expert_dirs)
         self.n_tasks = len(built.tasks)
         self.expert_accuracy = [built.evaluate(self.experts[t], t) for t in range(self.n_tasks)]
         self.n_test = [built.n_examples(t) for t in range(self.n_tasks)]
@@ -133,17 +188,41 @@ class Benchmark:
                       normalized=[1.0] * self.n_tasks, n_test=self.n_test)
         return [base, experts]
 
+    def _open_expert(self, folder: Path) -> Checkpoint:
+        """An adapter folder as LoRA factors on the base; a model folder held in memory
+        (it is merged many times)."""
+        if is_adapter_folder(folder):
+            return open_expert(str(folder), self.base_checkpoint)
+        return StateDictCheckpoint(load_state_dict(folder), str(folder))
+
     def merge(self, method: str, params: dict[str, Any], scale: float | None = None,
-              observer: Observer | None = None) -> tuple[dict[str, torch.Tensor], float]:
-        """Merged encoder and the seconds the merge took."""
+              observer: Observer | None = None, low_rank: bool = True
+              ) -> tuple[dict[str, torch.Tensor], float]:
+        """Merged encoder and the seconds the merge took; ``low_rank=False`` runs the
+        dense rule on LoRA experts."""
         extra = {}
         if methods.get(method).needs:
             extra["statistics"] = self.statistics()
         start = time.perf_counter()
-        merged = merge_state_dicts(self.base, self.experts, method=method, scale=scale,
-                                   config=self.config, exclude=tuple(self.built.exclude),
-                                   device="cpu", observer=observer, **extra, **params)
+        merged = merge_checkpoints(self.base_checkpoint, self.expert_checkpoints,
+                                   method=method, scale=scale,
+                                   exclude=tuple(self.built.exclude), device="cpu",
+                                   low_rank=low_rank, observer=observer, **extra, **params)
         return merged, time.perf_counter() - start
+
+    def time_low_rank(self, method: str, params: dict[str, Any],
+                      repeats: int = TIMING_REPEATS) -> Timing:
+        """Low-rank and dense merges, interleaved ``repeats`` times: the fastest of each,
+        and how far the two merged state dicts differ."""
+        seconds: dict[bool, list[float]] = {True: [], False: []}
+        merged: dict[bool, dict[str, torch.Tensor]] = {}
+        for _ in range(repeats):
+            for low_rank in (True, False):
+                merged[low_rank], took = self.merge(method, params, low_rank=low_rank)
+                seconds[low_rank].append(took)
+        return Timing(method, min(seconds[True]), min(seconds[False]), repeats,
+                      max_relative_difference(merged[True], merged[False]),
+                      max_relative_difference(merged[True], merged[False], self.base))
 
     def statistics(self) -> object:
         if self._stats is None:
@@ -193,11 +272,17 @@ def run_benchmark(
     bench = Benchmark(built)
     result = BenchResult(built.name, [t.name for t in built.tasks], bench.reference_rows())
     for index, name in enumerate(method_names, 1):
-        rows = bench.method_rows(name, (overrides or {}).get(name, {}), tune)
+        params = (overrides or {}).get(name, {})
+        rows = bench.method_rows(name, params, tune)
         result.rows += rows
+        timing = None
+        if bench.lora_experts and methods.get(name).low_rank_rule is not None:
+            timing = bench.time_low_rank(name, params)
+            result.timings.append(timing)
         if log is not None:
             scores = ", ".join(f"{r.label} {100 * r.mean_normalized:.1f}" for r in rows)
-            log(f"[{index}/{len(method_names)}] avg norm {scores}")
+            ratio = f"; dense/low-rank {timing.ratio:.1f}x" if timing else ""
+            log(f"[{index}/{len(method_names)}] avg norm {scores}{ratio}")
     return result
 
 

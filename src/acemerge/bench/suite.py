@@ -5,8 +5,8 @@ version) and then evaluated many times: each merge produces an encoder state dic
 suite scores it on every task with that task's own head.
 
 Only the encoder is merged. Encoders are saved as Hugging Face model folders (config.json
-+ model.safetensors) so the real readers, plan and engine are used; heads are per task and
-never merged.
++ model.safetensors), or experts as PEFT LoRA adapter folders on the base, so the real
+readers, plan and engine are used; heads are per task and never merged.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class BuiltSuite(ABC):
     folder: Path
     tasks: list[Task]
     base_dir: Path
+    #: Expert encoders: HF model folders, or PEFT LoRA adapter folders on ``base_dir``.
     expert_dirs: list[Path]
     #: Regexes of encoder parameters kept at the base value (in addition to the profile's).
     exclude: list[str] = field(default_factory=list)

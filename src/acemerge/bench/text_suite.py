@@ -5,7 +5,8 @@ A built text suite on disk::
     suite.json              tasks, recipe, build seconds, expert accuracies
     data.json               every task's train/val/test examples (as built)
     base/                   HF folder of the encoder (config, model.safetensors, tokenizer)
-    experts/<task>/         HF folders of the experts' encoders
+    experts/<task>/         HF folders of the experts' encoders (or PEFT LoRA adapter
+                            folders on base/, as in gpt2-lora)
     heads/<task>.safetensors  the task's classification head (``weight``[, ``bias``])
     stats/                  statistics collected on demand
 
@@ -30,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from acemerge.bench.suite import BuiltSuite, Progress, Suite, Task, cache_key
 from acemerge.bench.text_tasks import Example, TextTask, build_tasks
+from acemerge.io.adapters import open_expert
+from acemerge.io.readers import open_checkpoint
 from acemerge.io.writers import staged_output_folder
 
 Pooling = Literal["last", "mean"]
@@ -302,8 +305,14 @@ class BuiltTextSuite(BuiltSuite):
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.base_dir / "model.safetensors"))
 
+    def expert_state_dict(self, task: int) -> dict[str, torch.Tensor]:
+        """Task ``task``'s expert encoder, read as acemerge reads experts (an adapter
+        folder: the base plus the adapter's exact update)."""
+        base = open_checkpoint(self.base_dir)
+        return open_expert(str(self.expert_dirs[task]), base).state_dict()
+
     def expert_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        return [load_file(str(d / "model.safetensors")) for d in self.expert_dirs]
+        return [self.expert_state_dict(t) for t in range(len(self.expert_dirs))]
 
     def text_tasks(self) -> list[TextTask]:
         if "tasks" not in self._state:
@@ -383,8 +392,7 @@ class BuiltTextSuite(BuiltSuite):
         its training data; keyed by encoder names."""
         from acemerge.statistics import collect_statistics
 
-        expert = load_file(str(self.expert_dirs[task] / "model.safetensors"))
-        model = self.classifier(expert, task)
+        model = self.classifier(self.expert_state_dict(task), task)
         out = {}
         for kind in kinds:
             batches = self.encoded(task, "train").in_order(batch_size, limits.get(kind))
@@ -436,13 +444,17 @@ class ExpertSpec:
     train: TrainConfig
     freeze: tuple[str, ...] = ()  # encoder parameter name prefixes left frozen
     eval_bf16: bool = False  # score under bfloat16 autocast
+    #: Wraps the encoder's copy before training (e.g. in a PEFT LoRA model); the wrapper's
+    #: ``save_pretrained`` writes the expert folder. None: full fine-tuning.
+    adapt: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
 
 def train_expert(out: Path, base: torch.nn.Module, tokenizer: Any, task: TextTask,
                  spec: ExpertSpec, seed: int, log: Progress) -> dict[str, Any]:
-    """Fine-tune a copy of ``base`` with a new head on ``task``; save the expert encoder
-    under ``out/experts/<task>`` and its head under ``out/heads``; return its scores
-    (and the base's with the expert's head: the zero-shot row)."""
+    """Fine-tune a copy of ``base`` (wrapped by ``spec.adapt``) with a new head on
+    ``task``; save the expert encoder (or adapter) under ``out/experts/<task>`` and its head
+    under ``out/heads``; return its scores (and the base's with the expert's head: the
+    zero-shot row)."""
     data = {s: encode(tokenizer, ex, spec.max_length, spec.token_types)
             for s, ex in task.splits.items()}
     torch.manual_seed(seed)
@@ -450,6 +462,8 @@ def train_expert(out: Path, base: torch.nn.Module, tokenizer: Any, task: TextTas
     encoder = copy.deepcopy(base)
     for name, param in encoder.named_parameters():
         param.requires_grad_(not name.startswith(spec.freeze))
+    if spec.adapt is not None:
+        encoder = spec.adapt(encoder)
     model = PooledClassifier(encoder, head, spec.pooling)
     loss = train_classifier(model, data["train"], spec.train, seed)
     encoder.requires_grad_(True)

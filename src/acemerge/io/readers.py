@@ -75,6 +75,10 @@ class Checkpoint(ABC):
         except Exception as exc:  # noqa: BLE001 - any read failure is bad input here
             raise AceMergeError(f"{self.label}: cannot read '{name}': {one_line(exc)}") from None
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, loaded (a LoRA expert's: the base plus its exact update)."""
+        return {name: self.get(name) for name in self.specs()}
+
 
 class StateDictCheckpoint(Checkpoint):
     """An in-memory state dict."""
