@@ -24,6 +24,12 @@ command, and writes it to ``--out-md`` when given.
         [--timeout SECONDS] [--out-md FILE]
 
 ``--layers`` below 12 gives a smaller model for a quick check of the script itself.
+
+``--ace-side-by-side [options]`` instead times ACE's matrix rule now, at an earlier
+revision and as a direct evaluation of the paper's equations, interleaved in one process
+(see scripts/ace_side_by_side.py for its options). ``--compare-rev REV`` runs every child
+twice per repeat, alternating the current source with a git worktree of ``REV``, and prints
+the ratio of each pair.
 """
 
 from __future__ import annotations
@@ -386,6 +392,12 @@ def render(rows: list[Row], args: argparse.Namespace, meta: dict, base: Path,
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["--ace-side-by-side"]:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from ace_side_by_side import main as side_by_side
+
+        side_by_side(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--methods", help="comma-separated subset (default: every method)")
