@@ -260,8 +260,9 @@ class Row:
 
 
 def run_child(method: str, base: Path, experts: list[Path], out: Path,
-              args: argparse.Namespace) -> dict[str, Any]:
-    """One fresh child process; its JSON result, or ``{"error": ...}``."""
+              args: argparse.Namespace, source: Path | None = None) -> dict[str, Any]:
+    """One fresh child process (importing acemerge from ``source``, a ``src`` folder, when
+    given); its JSON result, or ``{"error": ...}``."""
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method,
@@ -269,8 +270,13 @@ def run_child(method: str, base: Path, experts: list[Path], out: Path,
     cmd += [a for e in experts for a in ("--expert", str(e))]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    env = None
+    if source is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(source), *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                              env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout:g} s"}
     finally:
@@ -389,6 +395,43 @@ def render(rows: list[Row], args: argparse.Namespace, meta: dict, base: Path,
     return "\n".join(lines) + "\n"
 
 
+def revision_source(rev: str, workdir: Path) -> Path:
+    """The ``src`` folder of a git worktree of ``rev`` (created under ``workdir`` once)."""
+    root = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=root, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    tree = (workdir / f"rev-{sha}").resolve()
+    if not tree.is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=root,
+                       check=True, capture_output=True)
+    return tree / "src"
+
+
+def compare_revisions(chosen: list[str], base: Path, experts: list[Path], out: Path,
+                      args: argparse.Namespace) -> None:
+    """Each method's whole merge now and at ``--compare-rev``, alternating per repeat."""
+    source = revision_source(args.compare_rev, args.workdir)
+    print(f"| method | now s (runs) | {args.compare_rev} s (runs) | now / {args.compare_rev} "
+          "(median of pairs, min-max) |")
+    print("|---|---|---|---|")
+    for name in chosen:
+        times: dict[str, list[float]] = {"now": [], "rev": []}
+        for r in range(args.repeat):
+            order = ("now", "rev") if r % 2 == 0 else ("rev", "now")
+            for kind in order:
+                result = run_child(name, base, experts, out, args,
+                                   source if kind == "rev" else None)
+                if "error" in result:
+                    raise SystemExit(f"{name} ({kind}): {result['error']}")
+                times[kind].append(result["seconds"])
+                print(f"  {name} {kind}: {result['seconds']:.2f} s", file=sys.stderr,
+                      flush=True)
+        ratios = [a / b for a, b in zip(times["now"], times["rev"], strict=True)]
+        print(f"| {name} | {', '.join(f'{t:.1f}' for t in times['now'])} | "
+              f"{', '.join(f'{t:.1f}' for t in times['rev'])} | "
+              f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child_main(sys.argv[2:])
@@ -410,6 +453,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float,
                         help="seconds per child process (start and imports included)")
     parser.add_argument("--out-md", type=Path, help="also write the table to this file")
+    parser.add_argument("--compare-rev", metavar="REV",
+                        help="also run each child with acemerge at git revision REV, "
+                        "alternating, and print the ratios")
     args = parser.parse_args()
     if args.repeat < 1 or args.layers < 1 or args.experts < 2:
         parser.error("--repeat and --layers must be >= 1, --experts >= 2")
@@ -421,6 +467,9 @@ def main() -> None:
     base, experts, meta = prepare(args.workdir, args.layers, args.experts)
     hetero = ace_branches(base, meta)
     out = args.workdir / "merged"
+    if args.compare_rev:
+        compare_revisions(chosen, base, experts, out, args)
+        return
     rows: list[Row] = []
     for i, name in enumerate(chosen):
         method = methods.get(name)
