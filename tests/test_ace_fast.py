@@ -1,5 +1,5 @@
-"""ACE's faster algebra equals the direct evaluation: top-k refinement from the Gram
-eigendecomposition, Cholesky + Sherman-Morrison for the prior system and the cheaper
+"""ACE's faster algebra equals the direct evaluation: top-k triplets from the Gram
+eigendecomposition (acemerge.methods.spectral, also used by TSV-M and CART), Cholesky + Sherman-Morrison for the prior system and the cheaper
 product order (the residual's rank-one identity is covered by tests/test_ace.py's
 independent reference)."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acemerge.methods import ace as ace_module
+from acemerge.methods import spectral
 from acemerge.methods.ace import solve_prior_system, times_proxy, top_singular_part
 
 SHAPES = {"tall": (120, 48), "wide": (48, 120), "square": (80, 80)}
@@ -38,9 +38,8 @@ def test_top_k_refinement_equals_the_full_svd(shape, dtype, tol, which, monkeypa
     r = min(shape)
     rank = {"k=1": 1, "k=0.3r": int(0.3 * r), "k=r": r}[which]
     used = []
-    gram = ace_module._top_part_from_gram
-    monkeypatch.setattr(ace_module, "_top_part_from_gram",
-                        lambda *a: used.append(gram(*a)) or used[-1])
+    gram = spectral._top_from_gram
+    monkeypatch.setattr(spectral, "_top_from_gram", lambda *a: used.append(gram(*a)) or used[-1])
     sigma, product = top_singular_part(matrix, rank, dtype)
     ref_sigma, ref_product = direct(matrix, rank)
     assert product.dtype == dtype
@@ -53,7 +52,7 @@ def test_top_k_refinement_equals_the_full_svd(shape, dtype, tol, which, monkeypa
 def test_top_k_falls_back_to_the_svd_where_the_gram_is_inaccurate():
     matrix = decaying((60, 40), torch.float64)
     matrix = matrix @ torch.diag(torch.logspace(0, -6, 40, dtype=torch.float64))
-    assert ace_module._top_part_from_gram(matrix, 40, None) is None
+    assert spectral._top_from_gram(matrix, 40) is None
     sigma, product = top_singular_part(matrix, 40, None)
     ref_sigma, ref_product = direct(matrix, 40)
     assert abs(sigma - ref_sigma) / ref_sigma < 1e-12
@@ -83,3 +82,21 @@ def test_times_proxy_orders_agree(shape):
     c = torch.randn(*shape, dtype=torch.float64)
     assert torch.allclose(times_proxy(c, c.T @ c), c @ (c.T @ c), rtol=1e-12, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_top_svd_triplets_equal_the_full_svd(shape, dtype, tol):
+    matrix = decaying(shape, dtype, seed=2)
+    k = min(shape) // 4
+    top = spectral.top_svd(matrix, k)
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    assert float((top.s.double() - s[:k]).abs().max() / s[0]) < tol
+    assert float((top.matrix().double() - (u[:, :k] * s[:k]) @ vh[:k]).abs().max()
+                 / s[0]) < tol
+    # orthonormal factors, each triplet consistent up to a common sign
+    eye = torch.eye(k, dtype=torch.float64)
+    assert float((top.u.double().T @ top.u.double() - eye).abs().max()) < tol * 10
+    signs = torch.sign((top.u.double() * u[:, :k]).sum(dim=0))
+    assert float((top.vh.double() * signs.unsqueeze(1) - vh[:k]).abs().max()) < tol * 100

@@ -32,6 +32,7 @@ from acemerge.methods.registry import (
     register,
 )
 from acemerge.methods.shrinkage import auto_ridge_ratio
+from acemerge.methods.spectral import top_svd
 
 Tensor = torch.Tensor
 
@@ -294,61 +295,19 @@ def solve_prior_system(numerator: Tensor, symmetric: Tensor, prior_row: Tensor |
     return result if torch.isfinite(result).all() else None
 
 
-def singular_triplets(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD; on CPU a float32 matrix is decomposed in float64 (its small singular values
-    decide the numerical rank)."""
-    if matrix.device.type == "cpu" and matrix.dtype == torch.float32:
-        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-        return u.float(), s.float(), vh.float()
-    return torch.linalg.svd(matrix, full_matrices=False)
-
-
-#: The top-k refinement uses the Gram eigendecomposition only while sigma_k / sigma_1 stays
-#: above this: the float64 Gram's eigenvalues carry errors ~ eps64 * sigma_1^2, i.e. a
-#: relative error of eps64 (sigma_1 / sigma_k)^2 / 2 in sigma_k (< 1e-10 here).
-GRAM_MIN_RATIO = 1e-3
-
-
 def top_singular_part(matrix: Tensor, rank: int, cap_dtype: torch.dtype | None
                       ) -> tuple[float, Tensor] | None:
-    """sigma_iso and U_k V_k^T of the top ``rank`` singular triplets (Eqs. 18-19), with k
-    capped at the numerical rank when ``cap_dtype`` is given (tolerance of that dtype);
-    None for k = 0.
-
-    On CPU: the eigendecomposition of the smaller Gram matrix in float64 (W^T W or W W^T,
-    r x r), U_k V_k^T = W V_k diag(1/sigma_k) V_k^T; a full SVD where the top-k spectrum
-    falls below GRAM_MIN_RATIO sigma_1 or the numerical-rank cap binds. On CUDA: a full SVD
-    in the matrix's dtype (no float64 round trip)."""
-    if matrix.device.type == "cpu":
-        part = _top_part_from_gram(matrix, rank, cap_dtype)
-        if part is not None:
-            return part
-    u, s, vh = singular_triplets(matrix)
+    """sigma_iso and U_k V_k^T of W_fused's top ``rank`` singular triplets (Eqs. 18-19),
+    with k capped at the numerical rank when ``cap_dtype`` is given (tolerance of that
+    dtype); None for k = 0. The triplets come from :func:`top_svd` (a float64 Gram
+    eigendecomposition on CPU where sigma_k >= GRAM_MIN_RATIO sigma_1: there the spectrum
+    is exact wherever a tolerance can fall below sigma_k)."""
+    top = top_svd(matrix, rank)
     if cap_dtype is not None:
-        rank = min(rank, numerical_rank(s, tuple(matrix.shape), cap_dtype))
+        rank = min(rank, numerical_rank(top.spectrum, tuple(matrix.shape), cap_dtype))
     if rank == 0:
         return None
-    return float(s[:rank].mean()), u[:, :rank] @ vh[:rank]
-
-
-def _top_part_from_gram(matrix: Tensor, rank: int, cap_dtype: torch.dtype | None
-                        ) -> tuple[float, Tensor] | None:
-    """:func:`top_singular_part` through the Gram matrix, or None where it is not accurate
-    enough (the caller then takes the full SVD)."""
-    wide = matrix.shape[0] < matrix.shape[1]
-    w = matrix.double()
-    gram = w @ w.T if wide else w.T @ w
-    values, vectors = torch.linalg.eigh(gram)  # ascending
-    s = values.flip(0).clamp_min(0).sqrt()
-    if s.numel() == 0 or float(s[0]) == 0.0 or float(s[rank - 1]) < GRAM_MIN_RATIO * float(s[0]):
-        return None
-    if cap_dtype is not None and numerical_rank(s, tuple(matrix.shape), cap_dtype) < rank:
-        return None
-    basis = vectors.flip(1)[:, :rank]  # V_k (tall) or U_k (wide)
-    scaled = basis / s[:rank]
-    # U_k V_k^T = (W V_k diag(1/s)) V_k^T (tall), U_k (diag(1/s) U_k^T W) (wide)
-    product = basis @ (scaled.T @ w) if wide else (w @ scaled) @ basis.T
-    return float(s[:rank].mean()), product.to(matrix.dtype)
+    return float(top.s[:rank].mean()), top.u[:, :rank] @ top.vh[:rank]
 
 
 def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:

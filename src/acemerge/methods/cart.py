@@ -33,6 +33,7 @@ from acemerge.methods.registry import (
     register,
     sum_of,
 )
+from acemerge.methods.spectral import top_svd
 
 Tensor = torch.Tensor
 
@@ -88,9 +89,9 @@ def cart_rank(rho: float, shape: tuple[int, int]) -> int:
 
 
 def truncated_svd(matrix: Tensor, rank: int) -> Tensor:
-    """SVD_k: the best rank-``rank`` approximation of ``matrix``."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+    """SVD_k: the best rank-``rank`` approximation of ``matrix`` (top triplets only, see
+    acemerge.methods.spectral)."""
+    return top_svd(matrix, rank).matrix()
 
 
 def mean_and_deltas(task_vectors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

@@ -42,6 +42,7 @@ from pydantic import Field
 
 from acemerge.methods.lowrank import factored_svd, numerical_rank
 from acemerge.methods.registry import Factored, Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.spectral import TopSvd, top_svd
 
 Tensor = torch.Tensor
 
@@ -80,13 +81,13 @@ def per_task_rank(rank: int, num_tasks: int) -> int:
     return max(1, rank // num_tasks)
 
 
-def top_triplets(triplets: list[tuple[Tensor, Tensor, Tensor]], k: int, cap: bool,
-                 shape: tuple[int, int], dtype: torch.dtype) -> Factors:
-    """The top-k of every task's (u, s, vh), k capped at its numerical rank when ``cap``,
+def top_triplets(triplets: list[TopSvd], k: int, cap: bool, shape: tuple[int, int],
+                 dtype: torch.dtype) -> Factors:
+    """The top-k of every task's triplets, k capped at its numerical rank when ``cap``,
     concatenated in task order."""
     us, ss, vs = [], [], []
-    for u, s, vh in triplets:
-        k_t = min(k, numerical_rank(s, shape, dtype)) if cap else k
+    for u, s, vh, spectrum in triplets:
+        k_t = min(k, numerical_rank(spectrum, shape, dtype)) if cap else k
         us.append(u[:, :k_t])
         ss.append(s[:k_t])
         vs.append(vh[:k_t].T)
@@ -101,7 +102,7 @@ def keep_largest(factors: Factors, count: int) -> Factors:
     return Factors(factors.u[:, keep], factors.s[keep], factors.v[:, keep])
 
 
-def orthogonalized(triplets: list[tuple[Tensor, Tensor, Tensor]], params: TsvParams,
+def orthogonalized(triplets: list[TopSvd], params: TsvParams,
                    shape: tuple[int, int], dtype: torch.dtype) -> Factors:
     """Steps 1-3 from every task's SVD: the orthogonalized task singular vectors and their
     singular values (no columns when nothing is kept)."""
@@ -117,9 +118,10 @@ def orthogonalized(triplets: list[tuple[Tensor, Tensor, Tensor]], params: TsvPar
 def tsv_factors(task_vectors: list[Tensor], params: TsvParams | None = None) -> Factors:
     """Steps 1-3 on dense task vectors."""
     dtype = compute_dtype_of(task_vectors[0])
-    triplets = [torch.linalg.svd(tv.to(dtype), full_matrices=False) for tv in task_vectors]
-    return orthogonalized(triplets, params or TsvParams(), tuple(task_vectors[0].shape),
-                          dtype)
+    shape = tuple(task_vectors[0].shape)
+    k = per_task_rank(min(shape), len(task_vectors))
+    triplets = [top_svd(tv.to(dtype), k) for tv in task_vectors]  # top k only
+    return orthogonalized(triplets, params or TsvParams(), shape, dtype)
 
 
 def tsv_matrix(task_vectors: list[Tensor], params: TsvParams) -> Tensor:
@@ -132,9 +134,10 @@ def tsv_low_rank(factors: list[Factored], params: TsvParams) -> Factored | None:
     task's rank is below k (its extra triplets would be noise)."""
     dtype = compute_dtype_of(factors[0].left)
     shape = factors[0].shape
-    triplets = [factored_svd(f.left.double(), f.right.double()) for f in factors]
+    triplets = [TopSvd(*svd, svd[1]) for svd in
+                (factored_svd(f.left.double(), f.right.double()) for f in factors)]
     k = per_task_rank(min(shape), len(factors))
-    if params.rank_cap == "paper" and any(len(s) < k for _, s, _ in triplets):
+    if params.rank_cap == "paper" and any(len(t.s) < k for t in triplets):
         return None
     merged = orthogonalized(triplets, params, shape, dtype)
     return Factored((merged.u * merged.s).to(dtype), merged.v.T.to(dtype))

@@ -1,0 +1,74 @@
+"""Top singular triplets without a full SVD (helper, not a method).
+
+Methods that keep only the top k singular triplets of a matrix (ACE's refinement, TSV-M,
+CART) take them from the eigendecomposition of the smaller Gram matrix (W^T W or W W^T,
+r x r) in float64 on CPU: the Gram costs one product and its eigendecomposition is several
+times cheaper than a full SVD of W. Squaring W squares its condition number: the Gram's
+eigenvalues carry absolute errors of about eps64 sigma_1^2, a relative error of
+eps64 (sigma_1 / sigma_i)^2 / 2 in sigma_i, so the Gram serves only while sigma_k >=
+GRAM_MIN_RATIO sigma_1 (then every kept sigma_i is exact to ~1e-10 and the top-k subspace
+to the same order divided by the gap); otherwise, and on CUDA (no float64 round trip), a
+full SVD runs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+
+#: The smallest sigma_k / sigma_1 for which the Gram eigendecomposition is used.
+GRAM_MIN_RATIO = 1e-3
+
+
+class TopSvd(NamedTuple):
+    """The top-k triplets (u: d_out x k, s: k, vh: k x d_in) and every singular value
+    (``spectrum``, descending; below GRAM_MIN_RATIO sigma_1 only approximate when it came
+    from the Gram)."""
+
+    u: Tensor
+    s: Tensor
+    vh: Tensor
+    spectrum: Tensor
+
+    def matrix(self) -> Tensor:
+        """u diag(s) vh: the best rank-k approximation."""
+        return (self.u * self.s) @ self.vh
+
+
+def full_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD; on CPU a float32 matrix is decomposed in float64 (its small singular
+    values may decide a numerical rank)."""
+    if matrix.device.type == "cpu" and matrix.dtype == torch.float32:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.float(), s.float(), vh.float()
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def top_svd(matrix: Tensor, k: int) -> TopSvd:
+    """The top ``k`` singular triplets of ``matrix`` in its dtype (see the module doc)."""
+    if matrix.device.type == "cpu" and 0 < k <= min(matrix.shape):
+        top = _top_from_gram(matrix, k)
+        if top is not None:
+            return top
+    u, s, vh = full_svd(matrix)
+    return TopSvd(u[:, :k], s[:k], vh[:k], s)
+
+
+def _top_from_gram(matrix: Tensor, k: int) -> TopSvd | None:
+    """:func:`top_svd` through the float64 Gram matrix; None where it is not accurate."""
+    wide = matrix.shape[0] < matrix.shape[1]
+    w = matrix.double()
+    values, vectors = torch.linalg.eigh(w @ w.T if wide else w.T @ w)  # ascending
+    spectrum = values.flip(0).clamp_min(0).sqrt()
+    if float(spectrum[0]) == 0.0 or float(spectrum[k - 1]) < GRAM_MIN_RATIO * float(spectrum[0]):
+        return None
+    basis, s = vectors.flip(1)[:, :k], spectrum[:k]
+    if wide:  # basis = U_k, V_k^T = diag(1/s) U_k^T W
+        u, vh = basis, (basis / s).T @ w
+    else:  # basis = V_k, U_k = W V_k diag(1/s)
+        u, vh = (w @ basis) / s, basis.T
+    dtype = matrix.dtype
+    return TopSvd(u.to(dtype), s.to(dtype), vh.to(dtype), spectrum.to(dtype))
