@@ -68,7 +68,7 @@ def gram_weight(delta: Tensor, gram: Tensor, weighting: str) -> float:
     if weighting == "none":
         return 1.0
     source = delta if weighting == "energy" else gram
-    norm_sq = float(source.double().pow(2).sum())
+    norm_sq = float(torch.linalg.vector_norm(source, dtype=torch.float64)) ** 2
     return 1.0 / norm_sq if norm_sq > 0 else 0.0
 
 

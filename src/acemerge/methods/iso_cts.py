@@ -31,6 +31,7 @@ import torch
 from pydantic import Field
 
 from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
+from acemerge.methods.spectral import top_svd
 from acemerge.methods.tsv import Factors, polar_factor
 
 Tensor = torch.Tensor
@@ -54,8 +55,8 @@ def common_rank(rank: int, num_tasks: int, common_fraction: float) -> int:
 def task_specific(delta: Tensor, common_u: Tensor, n: int) -> Factors:
     """Top-n triplets of D_t with the common left subspace projected out (step 2)."""
     residual = delta - common_u @ (common_u.T @ delta)
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
-    return Factors(u[:, :n], s[:n], vh[:n].T)
+    top = top_svd(residual, n)  # top triplets only (acemerge.methods.spectral)
+    return Factors(top.u, top.s, top.vh.T)
 
 
 def iso_cts_factors(task_vectors: list[Tensor], common_fraction: float = 0.8) -> Factors:
@@ -65,8 +66,8 @@ def iso_cts_factors(task_vectors: list[Tensor], common_fraction: float = 0.8) ->
     rank = min(deltas[0].shape)
     k_c = common_rank(rank, len(deltas), common_fraction)
     n = (rank - k_c) // len(deltas)
-    u, s, vh = torch.linalg.svd(sum_of(deltas), full_matrices=False)
-    parts = [Factors(u[:, :k_c], s[:k_c], vh[:k_c].T)]  # step 1: common space
+    common = top_svd(sum_of(deltas), k_c)
+    parts = [Factors(common.u, common.s, common.vh.T)]  # step 1: common space
     if n > 0:
         parts += [task_specific(delta, parts[0].u, n) for delta in deltas]
     concat_u = torch.cat([p.u for p in parts], dim=1)
