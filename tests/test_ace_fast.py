@@ -1,7 +1,7 @@
 """ACE's faster algebra equals the direct evaluation: top-k triplets from the Gram
-eigendecomposition (acemerge.methods.spectral, also used by TSV-M and CART), Cholesky + Sherman-Morrison for the prior system and the cheaper
-product order (the residual's rank-one identity is covered by tests/test_ace.py's
-independent reference)."""
+eigendecomposition (acemerge.methods.spectral, also used by TSV-M and CART), Cholesky +
+Sherman-Morrison for the prior system and the cheaper product order (the residual's
+rank-one identity is covered by tests/test_ace.py's independent reference)."""
 
 from __future__ import annotations
 

@@ -142,3 +142,19 @@ def test_methods_say_whether_lora_experts_stay_factored(capsys):
         capsys.readouterr().out
     assert main(["methods", "ties"]) == 0
     assert "materialized one parameter at a time" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_waits_passively_unless_told_otherwise(preset, expected):
+    """acemerge sets OMP_WAIT_POLICY before torch loads OpenMP; an explicit value wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import acemerge, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [expected, "True"]

@@ -17,8 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acemerge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"acemerge {__version__}")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads (default: torch's). On a shared machine use "
-                        "1: torch's threads collapse when another process competes")
+                        help="torch CPU threads (default: torch's, one per core; acemerge "
+                        "sets OMP_WAIT_POLICY=PASSIVE so they yield on a shared machine)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge fine-tuned experts into their base model",
