@@ -7,6 +7,7 @@ import torch
 
 from acemerge.errors import AceMergeError
 from acemerge.methods import registry, ties
+from acemerge.methods.registry import sequential_pass
 
 
 def _model(seed: int = 0, n_tasks: int = 3) -> list[list[torch.Tensor]]:
@@ -94,7 +95,8 @@ def test_model_thresholds_match_concatenation(k: float) -> None:
         calls.append(1)
         return iter(model)
 
-    assert list(ties.model_thresholds(make_iter, k)) == _exact_thresholds(model, k)
+    thresholds = ties.model_thresholds(sequential_pass(make_iter), k)
+    assert list(thresholds) == _exact_thresholds(model, k)
     assert len(calls) == 2  # float32 magnitudes: two 16-bit radix passes
 
 
@@ -102,7 +104,7 @@ def test_model_thresholds_exact_with_ties_and_low_precision() -> None:
     model = [[p.round().to(torch.bfloat16) for p in param] for param in _model(seed=2)]
     model.append([torch.zeros(50, dtype=torch.bfloat16) for _ in range(3)])
     for k in (0.2, 0.7, 0.9):
-        thresholds = ties.model_thresholds(lambda: iter(model), k)
+        thresholds = ties.model_thresholds(sequential_pass(lambda: iter(model)), k)
         assert list(thresholds) == _exact_thresholds(model, k)
         total = sum(param[0].numel() for param in model)
         kept = sum(int((param[0].float().abs() >= thresholds[0]).sum()) for param in model)
@@ -118,14 +120,15 @@ def test_model_thresholds_float64_restart() -> None:
         calls.append(1)
         return iter(model)
 
-    assert list(ties.model_thresholds(make_iter, 0.2)) == _exact_thresholds(model, 0.2)
+    thresholds = ties.model_thresholds(sequential_pass(make_iter), 0.2)
+    assert list(thresholds) == _exact_thresholds(model, 0.2)
     assert len(calls) <= 5  # at most one aborted float32 pass, then four float64 passes
 
 
 def test_float64_thresholds_trim_float32_parameters_exactly() -> None:
     model = _model(seed=6)
     model[0] = [p.double() / 3 for p in model[0]]
-    thresholds = ties.model_thresholds(lambda: iter(model), 0.25)
+    thresholds = ties.model_thresholds(sequential_pass(lambda: iter(model)), 0.25)
     for t, threshold in enumerate(thresholds):
         kept = sum(int((ties.trim(param[t], threshold) != 0).sum()) for param in model)
         assert kept == ties.keep_count(sum(param[t].numel() for param in model), 0.25)
@@ -133,14 +136,14 @@ def test_float64_thresholds_trim_float32_parameters_exactly() -> None:
 
 def test_model_thresholds_rejects_bad_input() -> None:
     with pytest.raises(AceMergeError, match="k must be"):
-        ties.model_thresholds(lambda: iter(_model()), 0.0)
+        ties.model_thresholds(sequential_pass(lambda: iter(_model())), 0.0)
     with pytest.raises(AceMergeError, match="no entries"):
-        ties.model_thresholds(lambda: iter([]), 0.2)
+        ties.model_thresholds(sequential_pass(lambda: iter([])), 0.2)
 
 
 def test_model_trim_equals_trimming_the_concatenated_model() -> None:
     model = _model(seed=4)
-    thresholds = ties.model_thresholds(lambda: iter(model), 0.2)
+    thresholds = ties.model_thresholds(sequential_pass(lambda: iter(model)), 0.2)
     method = registry.get("ties")
     per_param = [method(param, thresholds=thresholds).reshape(-1) for param in model]
     flat_tasks = [torch.cat([param[t].reshape(-1) for param in model]) for t in range(3)]
@@ -164,7 +167,7 @@ def test_model_trim_needs_thresholds() -> None:
 
 def test_task_order_invariant() -> None:
     model = _model(seed=5, n_tasks=4)
-    thresholds = ties.model_thresholds(lambda: iter(model), 0.3)
+    thresholds = ties.model_thresholds(sequential_pass(lambda: iter(model)), 0.3)
     order = [2, 0, 3, 1]
     method = registry.get("ties")
     for param in model:
@@ -184,3 +187,23 @@ def test_low_precision_output_dtype() -> None:
     assert merged.dtype == torch.bfloat16
     reference = registry.get("ties")([t.float() for t in tvs], trim="parameter")
     torch.testing.assert_close(merged, reference.to(torch.bfloat16))
+
+
+def test_model_thresholds_are_the_same_in_any_grouping() -> None:
+    """The passes are map-reduce: partial counts combined in any grouping and order (as
+    executors on many workers combine them) give the same thresholds."""
+    model = _model(seed=7) + _model(seed=8)
+
+    def shuffled_tree_pass(map_fn, reduce_fn):
+        parts = [map_fn(param) for param in model]
+        order = torch.randperm(len(parts), generator=torch.Generator().manual_seed(0))
+        parts = [parts[i] for i in order]
+        while len(parts) > 1:  # pairwise, like partials coming back from workers
+            parts = [reduce_fn(*parts[i:i + 2]) if i + 1 < len(parts) else parts[i]
+                     for i in range(0, len(parts), 2)]
+        return parts[0]
+
+    for k in (0.2, 0.05):
+        grouped = ties.model_thresholds(shuffled_tree_pass, k)
+        assert grouped == ties.model_thresholds(sequential_pass(lambda: iter(model)), k)
+        assert list(grouped) == _exact_thresholds(model, k)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from acemerge.errors import AceMergeError
 from acemerge.io.readers import Checkpoint
-from acemerge.methods.registry import Factored, Method, MethodParams
+from acemerge.methods.registry import Factored, Method, MethodParams, sequential_pass
 from acemerge.plan import Plan, PlanEntry, Treatment
 from acemerge.statistics import ELEMENTWISE_KINDS, StatisticsProvider
 
@@ -110,8 +110,8 @@ def merge_stream(
 ) -> list[MergeStep]:
     """Merge every parameter of ``plan`` and hand each result to ``emit`` in plan order.
 
-    A method with a whole-model statistic (``prepare``) first streams over the merged
-    parameters' task vectors once or more; nothing is held beyond one parameter.
+    A method with a whole-model statistic (``prepare``) first runs map-reduce passes over
+    the merged parameters' task vectors, streamed here; nothing is held beyond one parameter.
     ``tensor_params`` gives a parameter's own (params, scale) where they vary per tensor
     (mergekit's filters and gradients); otherwise ``params`` and ``scale`` apply to all.
     With ``emit_updates`` the engine hands over lam * D (the merged update, in the compute
@@ -136,7 +136,7 @@ def merge_stream(
                          desc=f"{method.name}: whole-model pass", dynamic_ncols=True)
             return (reader.read(entry) for entry in shown)
 
-        params = method.prepare(passes, params)
+        params = method.prepare(sequential_pass(passes), params)
     steps = []
     with tqdm(total=plan.total_numel, unit="param", unit_scale=True, desc="merging",
               disable=not progress, dynamic_ncols=True) as bar:

@@ -6,7 +6,7 @@ about files, names or models. Matrices arrive as (d_out, d_in), input on the rig
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +16,17 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from acemerge.errors import AceMergeError
 
 Tensor = torch.Tensor
-#: A fresh iterator over the merged parameters, each as its list of T task vectors.
-TaskVectorPasses = Callable[[], Iterator[list[Tensor]]]
+#: The map of a whole-model pass: one parameter's T task vectors (oriented, in the compute
+#: dtype, on the merge device) -> a partial result that is small, on the CPU and picklable
+#: (it may be computed in another process); a module-level function or functools.partial.
+PassMap = Callable[[list[Tensor]], Any]
+#: The reduce of a whole-model pass: combines two partial results; associative and
+#: commutative (executors combine partials in any grouping and order).
+PassReduce = Callable[[Any, Any], Any]
+#: One pass over every merged parameter: ``run(map, reduce)`` returns the reduce of the map
+#: of every parameter, or None when there is none. Executors provide it; methods never
+#: see where the map runs.
+ModelPass = Callable[[PassMap, PassReduce], Any]
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,23 @@ def sum_of(tensors: Iterable[Tensor]) -> Tensor:
     return total
 
 
+def sequential_pass(make_iter: Callable[[], Iterable[Sequence[Tensor]]]) -> ModelPass:
+    """A ``ModelPass`` over an iterator factory (each call a fresh iterator over the
+    parameters' task vectors), mapped and reduced here, in order."""
+
+    def run(map_fn: PassMap, reduce_fn: PassReduce) -> Any:
+        result: Any = _NOTHING
+        for task_vectors in make_iter():
+            part = map_fn(list(task_vectors))
+            result = part if result is _NOTHING else reduce_fn(result, part)
+        return None if result is _NOTHING else result
+
+    return run
+
+
+_NOTHING = object()
+
+
 def mean_rule(task_vectors: list[Tensor], params: MethodParams) -> Tensor:
     """Plain mean of the task vectors (the default for non-matrix parameters)."""
     return sum_of(task_vectors).div_(len(task_vectors))
@@ -74,9 +100,10 @@ class Method:
     other_rule: Callable[[list[Tensor], Any], Tensor] = mean_rule
     other_rule_name: str = "mean"
     default_scale: float = 1.0
-    #: Whole-model statistic: called once before merging with a way to stream over every
-    #: merged parameter's task vectors; returns the parameters to merge with.
-    prepare: Callable[[TaskVectorPasses, Any], MethodParams] | None = None
+    #: Whole-model statistic: called once before merging with a ``ModelPass`` (map-reduce
+    #: passes over every merged parameter's task vectors, as many as it needs); returns
+    #: the parameters to merge with.
+    prepare: Callable[[ModelPass, Any], MethodParams] | None = None
     #: Per-parameter variation of the parameters (e.g. a random seed per tensor name).
     per_parameter: Callable[[Any, str], MethodParams] | None = None
     #: Statistics a data-dependent method needs, per task, for matrices / other parameters.

@@ -10,7 +10,8 @@ Three steps, elementwise, for every parameter:
 The paper trims over the whole flattened model (``trim="model"``, the default); the common
 per-tensor variant is ``trim="parameter"``. Whole-model trimming needs one magnitude
 threshold per task computed over every merged parameter: ``model_thresholds`` computes them
-exactly by streaming, and the engine passes them in as ``thresholds``.
+exactly in map-reduce passes over the parameters (run by the executor, in this process or
+on many workers), and the engine passes them in as ``thresholds``.
 
 Kept count: n_keep = round(k * n) (half up), clamped to [1, n], for n entries (one tensor,
 or the whole model). The threshold is the n_keep-th largest magnitude and entries with
@@ -22,7 +23,9 @@ nonzero value agrees with sign 0).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -30,7 +33,14 @@ from pydantic import Field, field_validator, model_validator
 
 from acemerge.errors import AceMergeError
 from acemerge.methods.gta import GtaParams, PerTask, gta_merge
-from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
+from acemerge.methods.registry import (
+    Method,
+    MethodParams,
+    ModelPass,
+    compute_dtype_of,
+    register,
+    sum_of,
+)
 
 Tensor = torch.Tensor
 
@@ -165,74 +175,90 @@ def ties_rule(task_vectors: list[Tensor], params: TiesParams) -> Tensor:
 # --- whole-model thresholds, streamed ------------------------------------------------------
 
 
-def model_thresholds(
-    make_iter: Callable[[], Iterable[Sequence[Tensor]]], k: float
-) -> tuple[float, ...]:
+def model_thresholds(model_pass: ModelPass, k: float) -> tuple[float, ...]:
     """Per task, the exact n_keep-th largest |x| over all parameters, n_keep = round(k * N).
 
-    ``make_iter()`` returns a fresh iterator over the merged parameters, each a list of the
-    T task vectors of one parameter; include every parameter TIES merges. Nothing is
-    concatenated: a radix select over the bit patterns of the magnitudes (non-negative
-    floats order like their bits) resolves 16 bits per pass with T histograms of 2**16
-    counters, so the result is exact in 2 passes for float32 magnitudes (bf16/fp16/fp32
-    inputs, represented exactly in float32). If a float64 task vector appears, the search
-    restarts on float64 magnitudes (4 more passes), still exact.
+    ``model_pass`` runs map-reduce passes over the merged parameters (each the list of its
+    T task vectors; include every parameter TIES merges): the map counts one parameter's
+    digits, the reduce sums the counts, so a pass may run anywhere in any grouping and the
+    thresholds are the same. Nothing is concatenated: a radix select over the bit patterns
+    of the magnitudes (non-negative floats order like their bits) resolves 16 bits per pass
+    with T histograms of 2**16 counters, so the result is exact in 2 passes for float32
+    magnitudes (bf16/fp16/fp32 inputs, represented exactly in float32). If a float64 task
+    vector appears, the search restarts on float64 magnitudes (4 more passes), still exact.
     """
     if not 0 < k <= 1:
         raise AceMergeError(f"ties: k must be in (0, 1], got {k}")
     for key_dtype in (torch.float32, torch.float64):
-        result = _radix_select(make_iter, k, key_dtype)
+        result = _radix_select(model_pass, k, key_dtype)
         if result is not None:
             return result
     raise AssertionError("unreachable: float64 keys hold every input")
 
 
-def _radix_select(
-    make_iter: Callable[[], Iterable[Sequence[Tensor]]], k: float, key_dtype: torch.dtype
-) -> tuple[float, ...] | None:
+def _radix_select(model_pass: ModelPass, k: float, key_dtype: torch.dtype
+                  ) -> tuple[float, ...] | None:
     """Radix select of the n_keep-th largest magnitude per task; None if keys are too narrow."""
     width = torch.finfo(key_dtype).bits
     prefixes: list[int] = []
     ranks: list[int] = []
     for fixed in range(0, width, RADIX_BITS):
-        hists = _pass_histograms(make_iter, key_dtype, prefixes, fixed)
+        hists = _pass_histograms(model_pass, key_dtype, prefixes, fixed)
         if hists is None:
             return None
         if not ranks:
             n_keep = keep_count(int(hists[0].sum()), k)
             ranks, prefixes = [n_keep] * len(hists), [0] * len(hists)
         for t, hist in enumerate(hists):
-            digit, ranks[t] = _select_digit(hist.cpu(), ranks[t])
+            digit, ranks[t] = _select_digit(hist, ranks[t])
             prefixes[t] = (prefixes[t] << RADIX_BITS) | digit
     int_dtype = _INT_VIEW[key_dtype]
     return tuple(float(torch.tensor(p, dtype=int_dtype).view(key_dtype)) for p in prefixes)
 
 
-def _pass_histograms(
-    make_iter: Callable[[], Iterable[Sequence[Tensor]]],
-    key_dtype: torch.dtype,
-    prefixes: list[int],
-    fixed: int,
-) -> list[Tensor] | None:
-    """One pass: per task, counts of the next 16 bits among keys matching the prefix."""
+@dataclass(frozen=True)
+class DigitCounts:
+    """A pass's partial result: per task, counts of the next 16 bits of the magnitudes
+    matching the prefix; ``hists`` None when a task vector needs wider keys (float64)."""
+
+    hists: tuple[Tensor, ...] | None
+
+
+def digit_counts(task_vectors: list[Tensor], *, key_dtype: torch.dtype,
+                 prefixes: tuple[int, ...], fixed: int) -> DigitCounts:
+    """The map of one radix pass over one parameter (CPU counts)."""
     shift = torch.finfo(key_dtype).bits - fixed - RADIX_BITS
-    hists: list[Tensor] | None = None
-    for task_vectors in make_iter():
-        if hists is None:
-            device = task_vectors[0].device
-            hists = [torch.zeros(_BINS, dtype=torch.int64, device=device) for _ in task_vectors]
-        if len(task_vectors) != len(hists):
-            raise AceMergeError("ties: every parameter needs the same number of task vectors")
-        for t, tv in enumerate(task_vectors):
-            if torch.promote_types(tv.dtype, key_dtype) != key_dtype:
-                return None  # float64 input: restart on float64 keys
-            keys = tv.detach().to(key_dtype).abs().reshape(-1).view(_INT_VIEW[key_dtype])
-            if fixed:
-                keys = keys[(keys >> (shift + RADIX_BITS)) == prefixes[t]]
-            _count_into(hists[t], ((keys >> shift) & (_BINS - 1)).long().to(hists[t].device))
-    if hists is None or (fixed == 0 and int(hists[0].sum()) == 0):
+    hists = []
+    for t, tv in enumerate(task_vectors):
+        if torch.promote_types(tv.dtype, key_dtype) != key_dtype:
+            return DigitCounts(None)  # float64 input: restart on float64 keys
+        keys = tv.detach().to(key_dtype).abs().reshape(-1).view(_INT_VIEW[key_dtype])
+        if fixed:
+            keys = keys[(keys >> (shift + RADIX_BITS)) == prefixes[t]]
+        hist = torch.zeros(_BINS, dtype=torch.int64, device=tv.device)
+        _count_into(hist, ((keys >> shift) & (_BINS - 1)).long())
+        hists.append(hist.cpu())
+    return DigitCounts(tuple(hists))
+
+
+def add_counts(a: DigitCounts, b: DigitCounts) -> DigitCounts:
+    """The reduce of a radix pass: counts summed per task (exact in any order)."""
+    if a.hists is None or b.hists is None:
+        return DigitCounts(None)
+    if len(a.hists) != len(b.hists):
+        raise AceMergeError("ties: every parameter needs the same number of task vectors")
+    return DigitCounts(tuple(x + y for x, y in zip(a.hists, b.hists, strict=True)))
+
+
+def _pass_histograms(model_pass: ModelPass, key_dtype: torch.dtype, prefixes: list[int],
+                     fixed: int) -> list[Tensor] | None:
+    """One pass: per task, counts of the next 16 bits among keys matching the prefix."""
+    counts = model_pass(partial(digit_counts, key_dtype=key_dtype, prefixes=tuple(prefixes),
+                                fixed=fixed), add_counts)
+    if counts is None or (counts.hists is not None and fixed == 0
+                          and int(counts.hists[0].sum()) == 0):
         raise AceMergeError("ties: the model has no entries to trim")
-    return hists
+    return None if counts.hists is None else list(counts.hists)
 
 
 def _count_into(hist: Tensor, digits: Tensor) -> None:
@@ -252,12 +278,11 @@ def _select_digit(hist: Tensor, rank: int) -> tuple[int, int]:
     return digit, rank - above
 
 
-def prepare_model_trim(passes: Callable[[], Iterable[Sequence[Tensor]]],
-                       params: TiesParams) -> TiesParams:
-    """The whole-model trim's per-task thresholds, from streamed passes over the model."""
+def prepare_model_trim(model_pass: ModelPass, params: TiesParams) -> TiesParams:
+    """The whole-model trim's per-task thresholds, from map-reduce passes over the model."""
     if params.semantics == "mergekit" or params.trim != "model" or params.thresholds is not None:
         return params
-    return params.model_copy(update={"thresholds": model_thresholds(passes, params.k)})
+    return params.model_copy(update={"thresholds": model_thresholds(model_pass, params.k)})
 
 
 METHOD = register(
