@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from acemerge import engine, methods
+from acemerge import methods, work
 from acemerge.bench import get_suite, gpt2_lora, gpt2_text
 from acemerge.bench.runner import Benchmark, max_relative_difference, run_benchmark
 from acemerge.bench.text_suite import BuiltTextSuite
@@ -83,13 +83,13 @@ def test_adapters_load_in_peft_and_equal_acemerges_task_vectors(suite: BuiltText
 def test_low_rank_rule_is_used_and_equals_the_dense_rule(bench: Benchmark,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    original = engine._merge_low_rank
+    original = work._merge_low_rank
 
     def counted(entry, *args, **kwargs):
         calls.append(entry.name)
         return original(entry, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_merge_low_rank", counted)
+    monkeypatch.setattr(work, "_merge_low_rank", counted)
     low, _ = bench.merge("task_arithmetic", {}, low_rank=True)
     assert "h.0.attn.c_attn.weight" in calls and "h.1.mlp.c_proj.weight" in calls
     calls.clear()

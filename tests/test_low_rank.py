@@ -81,7 +81,7 @@ from tests.test_lora_output import llama  # noqa: E402,F401  (the adapters fixtu
 @pytest.mark.parametrize("method", ["ace", "eigcov", "cart", "task_arithmetic", "average",
                                     "tsv", "iso_c"])
 def test_engine_takes_the_low_rank_path_for_adapters(method, llama, monkeypatch):  # noqa: F811
-    from acemerge import engine
+    from acemerge import work
     from acemerge.api import _run, open_inputs
     from acemerge.config import build_config
 
@@ -91,14 +91,14 @@ def test_engine_takes_the_low_rank_path_for_adapters(method, llama, monkeypatch)
                        parameters={"flatten_over": "rank"} if method == "iso_c" else {})
     base, experts = open_inputs(cfg)
     used = []
-    original = engine._merge_low_rank
+    original = work._merge_low_rank
 
     def counting(*args, **kwargs):
         result = original(*args, **kwargs)
         used.append(result is not None)
         return result
 
-    monkeypatch.setattr(engine, "_merge_low_rank", counting)
+    monkeypatch.setattr(work, "_merge_low_rank", counting)
     fast: dict[str, torch.Tensor] = {}
     _run(cfg, base, experts, fast.__setitem__)
     calls = len(used)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,13 @@ import torch
 
 from acemerge import methods
 from acemerge.config import DTYPES, MergeConfig, build_config
-from acemerge.engine import MergeStep, Observer, TensorParams, merge_stream, resolve_device
-from acemerge.errors import AceMergeError
+from acemerge.engine import MergeStep, Observer, merge_stream, resolve_device
+from acemerge.executors.base import Executor
+from acemerge.executors.local import LocalExecutor
+from acemerge.inputs import open_inputs, plan_for, scheduled_params
 from acemerge.io.adapter_writer import LoraAdapterWriter
-from acemerge.io.adapters import open_expert
 from acemerge.io.model_folder import write_model_folder_extras
-from acemerge.io.readers import Checkpoint, StateDictCheckpoint, open_checkpoint
+from acemerge.io.readers import Checkpoint, StateDictCheckpoint
 from acemerge.io.writers import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
@@ -26,9 +28,11 @@ from acemerge.io.writers import (
     check_output_is_not_input,
     staged_output_folder,
 )
-from acemerge.methods.registry import MethodParams
-from acemerge.plan import Plan, build_plan
+from acemerge.plan import Plan
 from acemerge.statistics import StatisticsProvider
+
+__all__ = ["MergeResult", "format_plan", "merge", "merge_checkpoints", "merge_from_config",
+           "merge_state_dicts", "open_inputs", "plan_for"]
 
 
 @dataclass
@@ -137,23 +141,6 @@ def merge(
                              statistics=statistics)
 
 
-def open_inputs(cfg: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Open the base and the experts named by a config (headers only; an expert may be a
-    LoRA adapter folder on the base)."""
-    base = open_checkpoint(cfg.base_model)
-    return base, [open_expert(p, base, cfg.allow_base_mismatch) for p in cfg.expert_paths]
-
-
-def plan_for(cfg: MergeConfig, base: Checkpoint) -> Plan:
-    """The plan for a config's base checkpoint."""
-    specs = base.specs()
-    return build_plan(
-        [(name, shape, dtype) for name, (shape, dtype) in specs.items()],
-        config=base.config, exclude=cfg.exclude, default_excludes=cfg.default_excludes,
-        conv1d_as_stored=cfg.conv1d_as_stored,
-    )
-
-
 def merge_from_config(
     cfg: MergeConfig,
     out: str | os.PathLike,
@@ -166,11 +153,14 @@ def merge_from_config(
     other_inputs: Iterable[str | os.PathLike] = (),
     copy_tokenizer: bool = True,
     write_card: bool = True,
+    executor: Executor | None = None,
 ) -> MergeResult:
     """Run a validated config into ``out`` (written to a staging folder, then moved).
 
     ``out`` may not be, contain or lie inside any input (checkpoints, statistics files,
-    ``other_inputs`` such as the config file), whatever ``overwrite`` says.
+    ``other_inputs`` such as the config file), whatever ``overwrite`` says. ``executor``
+    runs the per-parameter work (default: a local one; a given one is used as it is and
+    closed by the caller).
     """
     import time
 
@@ -197,8 +187,10 @@ def merge_from_config(
             writer = LoraAdapterWriter(staging, plan, base, cfg.base_model, rank)
         else:
             writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes)
-        steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
-                     observer=observer, statistics=statistics, emit_updates=lora)
+        with nullcontext(executor) if executor else LocalExecutor() as ex:
+            steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
+                         observer=observer, statistics=statistics, emit_updates=lora,
+                         executor=ex)
         writer.close()
         write_model_folder_extras(
             staging, base, cfg, plan, copy_tokenizer=copy_tokenizer, write_card=write_card,
@@ -217,41 +209,21 @@ def _run(
     observer: Observer | None = None,
     statistics: StatisticsProvider | None = None,
     emit_updates: bool = False,
+    executor: Executor | None = None,
 ) -> list[MergeStep]:
+    """The merge of opened inputs through the engine (``executor``: default local)."""
     method = methods.get(cfg.merge_method)
     params = method.for_model(method.validate(cfg.parameters), base.config)
     plan = plan or plan_for(cfg, base)
     return merge_stream(
         base, experts, method, params, plan, emit,
         scale=cfg.resolved_scale, compute_dtype=DTYPES[cfg.compute_dtype],
-        device=resolve_device(cfg.device), dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
+        device=resolve_device(cfg.device),
+        dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
         progress=progress, observer=observer, stats=statistics,
-        tensor_params=_scheduled_params(cfg, base) if cfg.mergekit else None,
-        emit_updates=emit_updates, low_rank=cfg.low_rank,
+        tensor_params=scheduled_params(cfg, base) if cfg.mergekit else None,
+        emit_updates=emit_updates, low_rank=cfg.low_rank, executor=executor,
     )
-
-
-def _scheduled_params(cfg: MergeConfig, base: Checkpoint) -> TensorParams:
-    """Per-tensor (params, scale) of a mergekit config: its filters and gradients resolved
-    for each tensor, ``lambda`` as the scale (validated once per distinct setting)."""
-    from acemerge.mergekit_schema import schedule_of
-
-    method = methods.get(cfg.merge_method)
-    schedule = schedule_of(cfg, base.config)
-    cache: dict[str, tuple[MethodParams, float]] = {}
-
-    def params_for(name: str) -> tuple[MethodParams, float]:
-        values = schedule.for_tensor(name)
-        scale = float(values.pop("lambda", 1.0))
-        key = repr(sorted(values.items())) + f"|{scale}"
-        if key not in cache:
-            try:
-                cache[key] = (method.validate(values), scale)
-            except AceMergeError as exc:
-                raise AceMergeError(f"{exc} (tensor {name})") from None
-        return cache[key]
-
-    return params_for
 
 
 def format_plan(plan: Plan, method_name: str) -> str:

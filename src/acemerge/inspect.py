@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from acemerge.engine import TaskVectorReader, check_compatible
+from acemerge.engine import check_compatible
 from acemerge.io.readers import Checkpoint
 from acemerge.methods.ace import AceParams, ace_matrix, heterogeneity
 from acemerge.plan import Plan, PlanEntry, Treatment
+from acemerge.work import TaskVectorReader
 
 
 @dataclass(frozen=True)

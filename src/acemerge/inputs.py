@@ -1,0 +1,53 @@
+"""A merge's inputs from its config: the checkpoints, the plan, per-tensor parameters."""
+
+from __future__ import annotations
+
+from acemerge import methods
+from acemerge.config import MergeConfig
+from acemerge.errors import AceMergeError
+from acemerge.io.adapters import open_expert
+from acemerge.io.readers import Checkpoint, open_checkpoint
+from acemerge.methods.registry import MethodParams
+from acemerge.plan import Plan, build_plan
+from acemerge.work import TensorParams
+
+
+def open_inputs(cfg: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
+    """Open the base and the experts named by a config (headers only; an expert may be a
+    LoRA adapter folder on the base)."""
+    base = open_checkpoint(cfg.base_model)
+    return base, [open_expert(p, base, cfg.allow_base_mismatch) for p in cfg.expert_paths]
+
+
+def plan_for(cfg: MergeConfig, base: Checkpoint) -> Plan:
+    """The plan for a config's base checkpoint."""
+    specs = base.specs()
+    return build_plan(
+        [(name, shape, dtype) for name, (shape, dtype) in specs.items()],
+        config=base.config, exclude=cfg.exclude, default_excludes=cfg.default_excludes,
+        conv1d_as_stored=cfg.conv1d_as_stored,
+    )
+
+
+def scheduled_params(cfg: MergeConfig, base: Checkpoint) -> TensorParams:
+    """Per-tensor (params, scale) of a mergekit config: its filters and gradients resolved
+    for each tensor, ``lambda`` as the scale (validated once per distinct setting)."""
+    from acemerge.mergekit_schema import schedule_of
+
+    method = methods.get(cfg.merge_method)
+    schedule = schedule_of(cfg, base.config)
+    cache: dict[str, tuple[MethodParams, float]] = {}
+
+    def params_for(name: str) -> tuple[MethodParams, float]:
+        values = schedule.for_tensor(name)
+        scale = float(values.pop("lambda", 1.0))
+        key = repr(sorted(values.items())) + f"|{scale}"
+        if key not in cache:
+            try:
+                cache[key] = (method.validate(values), scale)
+            except AceMergeError as exc:
+                raise AceMergeError(f"{exc} (tensor {name})") from None
+        return cache[key]
+
+    return params_for
+
