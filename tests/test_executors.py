@@ -5,6 +5,7 @@ in a thread end the merge with the one-line error and nothing written."""
 from __future__ import annotations
 
 import shutil
+import sys
 import threading
 import time
 import weakref
@@ -14,9 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from acemerge import api
 from acemerge.cli import main
 from acemerge.engine import merge_stream
+from acemerge.executors import factory
+from acemerge.executors.base import submitted_in_order, work_units
 from acemerge.executors.local import LocalExecutor
 from acemerge.io.readers import StateDictCheckpoint
 from acemerge.methods import get
@@ -43,7 +45,7 @@ def cli_merge(args: list[str], out) -> int:
 def test_overlap_gives_the_serial_engines_bytes(case, models, tmp_path, monkeypatch):
     args = case_args(models)[case]
     assert cli_merge(args, tmp_path / "overlapped") == 0
-    monkeypatch.setattr(api, "LocalExecutor", lambda: LocalExecutor(overlap=False))
+    monkeypatch.setattr(factory, "LocalExecutor", lambda: LocalExecutor(overlap=False))
     assert cli_merge(args, tmp_path / "serial") == 0
     overlapped, serial = folder_bytes(tmp_path / "overlapped"), folder_bytes(tmp_path / "serial")
     assert overlapped.keys() == serial.keys()
@@ -136,3 +138,63 @@ def test_an_error_while_writing_stops_the_threads():
         merge_stream(base, experts, method, method.validate({}), plan, failing_emit)
     assert not [t for t in threading.enumerate() if t.name.startswith("acemerge-")]
 
+
+def test_work_units_batch_small_parameters_in_order():
+    plan = build_plan([("a.weight", (4, 4), torch.float32), ("a.bias", (4,), torch.float32),
+                       ("b.weight", (8, 8), torch.float32), ("c.bias", (4,), torch.float32)])
+    units = work_units(plan.entries, 20)
+    assert [[e.name for e in unit] for unit in units] == [
+        ["a.weight", "a.bias"], ["b.weight"], ["c.bias"]]
+    assert [e for unit in work_units(plan.entries, 1) for e in unit] == plan.entries
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5])
+def test_submissions_stay_within_the_limit_and_in_order(limit):
+    outstanding: list[int] = []
+    peak = 0
+
+    def submit(unit: int) -> int:
+        nonlocal peak
+        outstanding.append(unit)
+        peak = max(peak, len(outstanding))
+        return unit
+
+    seen = []
+    for handle in submitted_in_order(range(10), submit, limit, cancel=outstanding.remove):
+        seen.append(handle)
+        assert len(outstanding) <= limit
+        outstanding.remove(handle)  # done with it
+    assert seen == list(range(10)) and peak == limit
+
+
+def test_closing_early_cancels_what_is_outstanding():
+    cancelled = []
+    handles = submitted_in_order(range(10), lambda unit: unit, 3, cancel=cancelled.append)
+    assert next(handles) == 0
+    handles.close()
+    assert cancelled == [1, 2]
+
+
+def test_ray_options_need_the_ray_executor(models, tmp_path, capsys):
+    args = ["--base", str(models["gpt2"]), "--expert", str(models["gpt2-e0"]),
+            "--expert", str(models["gpt2-e1"])]
+    for extra, field in ((["--workers", "2"], "workers"), (["--max-in-flight", "2"],
+                         "max_in_flight"), (["--ray-address", "auto"], "ray_address")):
+        assert cli_merge([*args, *extra], tmp_path / "out") == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"acemerge: error: {field} applies only to executor 'ray' (--executor ray)"
+    assert cli_merge([*args, "--executor", "ray", "--workers", "0"], tmp_path / "out") == 2
+    assert "'workers'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_ray_the_ray_executor_says_how_to_install_it(models, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if not installed
+    monkeypatch.delitem(sys.modules, "acemerge.executors.ray_executor", raising=False)
+    out = tmp_path / "out"
+    code = cli_merge(["--base", str(models["gpt2"]), "--expert", str(models["gpt2-e0"]),
+                      "--expert", str(models["gpt2-e1"]), "--executor", "ray"], out)
+    assert_clean_failure(code, capsys.readouterr().err, out,
+                         "executor 'ray' needs Ray, which is not installed: "
+                         "pip install 'acemerge[ray]'")

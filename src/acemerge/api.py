@@ -15,6 +15,7 @@ from acemerge import methods
 from acemerge.config import DTYPES, MergeConfig, build_config
 from acemerge.engine import MergeStep, Observer, merge_stream, resolve_device
 from acemerge.executors.base import Executor
+from acemerge.executors.factory import make_executor
 from acemerge.executors.local import LocalExecutor
 from acemerge.inputs import open_inputs, plan_for, scheduled_params
 from acemerge.io.adapter_writer import LoraAdapterWriter
@@ -128,8 +129,9 @@ def merge(
     """Merge checkpoints on disk into a Hugging Face model folder at ``out``.
 
     ``options`` holds the method's parameters and any of the config fields ``dtype``,
-    ``compute_dtype``, ``device``, ``exclude``, ``default_excludes``, ``conv1d_as_stored``.
-    ``statistics`` feeds data-dependent methods (RegMean, Fisher).
+    ``compute_dtype``, ``device``, ``exclude``, ``default_excludes``, ``conv1d_as_stored``,
+    and how to run: ``executor`` ("local" or "ray"), ``workers``, ``max_in_flight``,
+    ``ray_address``. ``statistics`` feeds data-dependent methods (RegMean, Fisher).
     """
     config_fields = set(MergeConfig.model_fields) - {"merge_method", "base_model", "models"}
     fields = {k: options.pop(k) for k in list(options) if k in config_fields}
@@ -159,8 +161,8 @@ def merge_from_config(
 
     ``out`` may not be, contain or lie inside any input (checkpoints, statistics files,
     ``other_inputs`` such as the config file), whatever ``overwrite`` says. ``executor``
-    runs the per-parameter work (default: a local one; a given one is used as it is and
-    closed by the caller).
+    runs the per-parameter work (default: the one ``cfg.executor`` names; a given one is
+    used as it is and closed by the caller).
     """
     import time
 
@@ -171,6 +173,7 @@ def merge_from_config(
               *map(Path, cfg.statistics), *map(Path, other_inputs)]
     check_output_is_not_input(out, inputs)
     check_output_folder(out, overwrite)
+    given_statistics = statistics
     statistics = statistics or cfg.load_statistics()
     plan = plan_for(cfg, base)
     out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
@@ -187,7 +190,7 @@ def merge_from_config(
             writer = LoraAdapterWriter(staging, plan, base, cfg.base_model, rank)
         else:
             writer = ShardedSafetensorsWriter(staging, specs, max_shard_bytes)
-        with nullcontext(executor) if executor else LocalExecutor() as ex:
+        with nullcontext(executor) if executor else make_executor(cfg, given_statistics) as ex:
             steps = _run(cfg, base, experts, writer.add, plan=plan, progress=progress,
                          observer=observer, statistics=statistics, emit_updates=lora,
                          executor=ex)
@@ -215,10 +218,11 @@ def _run(
     method = methods.get(cfg.merge_method)
     params = method.for_model(method.validate(cfg.parameters), base.config)
     plan = plan or plan_for(cfg, base)
+    local = executor is None or isinstance(executor, LocalExecutor)
     return merge_stream(
         base, experts, method, params, plan, emit,
         scale=cfg.resolved_scale, compute_dtype=DTYPES[cfg.compute_dtype],
-        device=resolve_device(cfg.device),
+        device=resolve_device(cfg.device) if local else cfg.device,
         dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
         progress=progress, observer=observer, stats=statistics,
         tensor_params=scheduled_params(cfg, base) if cfg.mergekit else None,

@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compute-dtype", choices=["float32", "float64"], help="default float32")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
     m.add_argument("--cuda", action="store_true", help="as --device cuda (mergekit's flag)")
+    m.add_argument("--executor", choices=["local", "ray"],
+                   help="where the work runs: local (default: this process, reading, merging "
+                   "and writing overlapped) or ray (tasks on a Ray cluster; same output)")
+    m.add_argument("--ray-address", metavar="ADDR",
+                   help="--executor ray: the cluster to join (default: start a local Ray)")
+    m.add_argument("--workers", type=int, metavar="N",
+                   help="--executor ray: tasks at once (default: every CPU, every GPU with "
+                   "--device cuda)")
+    m.add_argument("--max-in-flight", type=int, metavar="M",
+                   help="--executor ray: units of work submitted and not yet written "
+                   "(default 2 x workers); bounds the driver's memory")
     m.add_argument("--out", help="output folder")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     m.add_argument("--max-shard-size", default="5GB", help="largest shard (default 5GB)")
@@ -131,7 +142,7 @@ def _positional_merge_args(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """A validated MergeConfig from ``--config`` or from the flags."""
-    from acemerge.config import build_config
+    from acemerge.config import RAY_FIELDS, build_config
     from acemerge.mergekit_schema import load_any_config as load_config
 
     if args.config:
@@ -164,12 +175,26 @@ def config_from_args(args: argparse.Namespace) -> Any:
         updates["device"] = args.device
     if args.no_low_rank:
         updates["low_rank"] = False
+    updates.update(_executor_updates(args))
     updates.update(_seed_updates(cfg, args.random_seed))
     if args.out_format != "full" or args.out_rank is not None:
         updates["out_format"] = args.out_format
         updates["out_rank"] = parse_rank(args.out_rank)
+    if {"out_format", "executor", *RAY_FIELDS} & set(updates):
         return build_config(**{**cfg.model_dump(), **updates})  # revalidated as a whole
     return cfg.model_copy(update=updates) if updates else cfg
+
+
+def _executor_updates(args: argparse.Namespace) -> dict[str, Any]:
+    """--executor and the Ray options, as config fields (those given)."""
+    from acemerge.config import RAY_FIELDS
+
+    given = {"executor": args.executor, "ray_address": args.ray_address,
+             "workers": args.workers, "max_in_flight": args.max_in_flight}
+    updates = {key: value for key, value in given.items() if value is not None}
+    if args.executor == "local":  # a config file's Ray options no longer apply
+        updates = {**dict.fromkeys(RAY_FIELDS), **updates}
+    return updates
 
 
 def _seed_updates(cfg: Any, seed: int | None) -> dict[str, Any]:

@@ -53,6 +53,11 @@ def absolute_path(text: str) -> str:
     return str(path.resolve()) if path.exists() else text
 
 
+#: Fields of the Ray executor, and every field that only says how a merge runs.
+RAY_FIELDS = ("ray_address", "workers", "max_in_flight")
+EXECUTION_FIELDS = ("executor", *RAY_FIELDS)
+
+
 class ModelEntry(BaseModel):
     """One expert."""
 
@@ -89,6 +94,26 @@ class MergeConfig(BaseModel):
     #: Keep LoRA experts factored where the method has a low-rank rule (exact, faster);
     #: False materializes every task vector and runs the dense rule (for comparison).
     low_rank: bool = True
+    #: Where the per-parameter work runs: this process (``local``: reading, merging and
+    #: writing overlapped) or a Ray cluster (``ray``). How a merge runs, not what it
+    #: computes: the output is the same, and these fields are left out of the saved YAML.
+    executor: Literal["local", "ray"] = "local"
+    #: ``ray``: the cluster to join (None: start a local Ray).
+    ray_address: str | None = None
+    #: ``ray``: concurrent worker tasks (None: every CPU, or GPU with device cuda).
+    workers: int | None = Field(default=None, ge=1)
+    #: ``ray``: work units submitted and not yet written (None: twice the workers).
+    max_in_flight: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _ray_options(self) -> MergeConfig:
+        """The Ray options need the Ray executor."""
+        if self.executor != "ray":
+            given = [f for f in RAY_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise AceMergeError(f"{given[0]} applies only to executor 'ray' "
+                                    f"(--executor ray)")
+        return self
 
     @model_validator(mode="after")
     def _adapter_output(self) -> MergeConfig:
@@ -164,8 +189,10 @@ class MergeConfig(BaseModel):
         })
 
     def to_yaml(self) -> str:
-        """The config as YAML, in the same schema it is read from."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML, in the same schema it is read from, without the fields that
+        only say how the merge ran (executor, workers: the result is the same)."""
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)),
+                              sort_keys=False)
 
 
 def build_config(**fields: Any) -> MergeConfig:

@@ -1,6 +1,12 @@
-"""A merge's inputs from its config: the checkpoints, the plan, per-tensor parameters."""
+"""A merge's inputs from its config: opened here, or described for opening elsewhere.
+
+``InputSource`` is what a worker process needs to open the same inputs itself: the config
+(with absolute paths) and any statistics given in memory rather than as files.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from acemerge import methods
 from acemerge.config import MergeConfig
@@ -9,7 +15,8 @@ from acemerge.io.adapters import open_expert
 from acemerge.io.readers import Checkpoint, open_checkpoint
 from acemerge.methods.registry import MethodParams
 from acemerge.plan import Plan, build_plan
-from acemerge.work import TensorParams
+from acemerge.statistics import StatisticsProvider
+from acemerge.work import MergeInputs, TensorParams
 
 
 def open_inputs(cfg: MergeConfig) -> tuple[Checkpoint, list[Checkpoint]]:
@@ -51,3 +58,29 @@ def scheduled_params(cfg: MergeConfig, base: Checkpoint) -> TensorParams:
 
     return params_for
 
+
+@dataclass(frozen=True)
+class InputSource:
+    """How to open a merge's inputs in any process (picklable)."""
+
+    config: MergeConfig
+    #: Statistics given in memory (None: the config's statistics files, if any).
+    statistics: StatisticsProvider | None = None
+
+    @classmethod
+    def of(cls, cfg: MergeConfig, statistics: StatisticsProvider | None = None
+           ) -> InputSource:
+        """The source of a config, its local paths made absolute (the same on any node)."""
+        absolute = cfg.with_absolute_paths()
+        if cfg.mergekit:
+            from acemerge.mergekit_schema import absolute_document
+
+            absolute = absolute.model_copy(update={"mergekit": absolute_document(cfg.mergekit)})
+        return cls(absolute, statistics)
+
+    def open(self) -> MergeInputs:
+        """The inputs opened in this process: checkpoints, statistics, per-tensor params."""
+        base, experts = open_inputs(self.config)
+        stats: StatisticsProvider | None = self.statistics or self.config.load_statistics()
+        tensor_params = scheduled_params(self.config, base) if self.config.mergekit else None
+        return MergeInputs(base, experts, stats, tensor_params)

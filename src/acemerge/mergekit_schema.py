@@ -185,17 +185,21 @@ def schedule_of(cfg: MergeConfig, model_config: dict | None) -> ParameterSchedul
         defaults=defaults, task_labels=tuple(cfg.expert_paths))
 
 
-def mergekit_yaml(cfg: MergeConfig) -> str:
-    """The mergekit document with every existing local path made absolute."""
-    doc = dict(cfg.mergekit or {})
-
+def absolute_document(document: dict[str, Any]) -> dict[str, Any]:
+    """A mergekit document with every existing local path made absolute."""
+    doc = dict(document)
     if doc.get("base_model"):
         doc["base_model"] = absolute_path(doc["base_model"])
     doc["models"] = [{**m, "model": absolute_path(m["model"])} for m in doc.get("models", [])]
     if doc.get("tokenizer_source") not in (None, "base", "union"):
         doc["tokenizer_source"] = absolute_path(doc["tokenizer_source"])
-    return yaml.safe_dump(doc, sort_keys=False)
+    return doc
 
 
-__all__ = ["from_mergekit", "is_mergekit_document", "load_any_config", "mergekit_yaml",
-           "schedule_of"]
+def mergekit_yaml(cfg: MergeConfig) -> str:
+    """The mergekit document with every existing local path made absolute."""
+    return yaml.safe_dump(absolute_document(cfg.mergekit or {}), sort_keys=False)
+
+
+__all__ = ["absolute_document", "from_mergekit", "is_mergekit_document", "load_any_config",
+           "mergekit_yaml", "schedule_of"]

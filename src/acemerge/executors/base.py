@@ -10,8 +10,9 @@ the results in order through its writer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,6 +22,8 @@ from acemerge.work import MergeInputs, MergeSettings, MergeStep
 
 #: Called after each entry of a whole-model pass (progress).
 Done = Callable[[PlanEntry], None]
+Unit = TypeVar("Unit")
+Handle = TypeVar("Handle")
 
 
 class Executor(ABC):
@@ -48,3 +51,38 @@ class Executor(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+def work_units(entries: Sequence[PlanEntry], batch_numel: int) -> list[list[PlanEntry]]:
+    """Consecutive entries grouped, in order, into units of at least ``batch_numel`` values
+    (a parameter that large is a unit of its own; the last unit may be smaller)."""
+    units: list[list[PlanEntry]] = []
+    size = 0
+    for entry in entries:
+        if not units or size >= batch_numel or entry.numel >= batch_numel:
+            units.append([])
+            size = 0
+        units[-1].append(entry)
+        size += entry.numel
+    return units
+
+
+def submitted_in_order(units: Iterable[Unit], submit: Callable[[Unit], Handle], limit: int,
+                       cancel: Callable[[Handle], None]) -> Iterator[Handle]:
+    """``submit(unit)`` for every unit, in order, with at most ``limit`` submitted and not
+    yet done with; yields the handles in order. The consumer is done with a handle when it
+    asks for the next one: the next unit is submitted then. Closing the iterator early
+    cancels what is still outstanding."""
+    pending: deque[Handle] = deque()
+    remaining = iter(units)
+    try:
+        while True:
+            for unit in remaining:
+                pending.append(submit(unit))
+                if len(pending) >= limit:
+                    break
+            if not pending:
+                return
+            yield pending.popleft()
+    finally:
+        for handle in pending:
+            cancel(handle)
