@@ -6,7 +6,8 @@ magnitudes spread over 1.5 decades (as scripts/bench_lora_time.py), then runs
 ``acemerge merge`` in child processes, interleaved: low-rank, dense (``--no-low-rank``),
 low-rank. Prints each run's wall time and peak RSS (its own, from wait4), the ratios, and
 the largest difference between the two merged models' updates relative to the update
-(outputs in float32 so that bfloat16 rounding does not hide it). ``--float64-reference``
+(outputs in float32 so that bfloat16 rounding does not hide it), and, for the tensor where
+they differ most, each one's distance to ACE evaluated in float64. ``--float64-reference``
 adds a dense run in float64 and measures both paths against it.
 
     python scripts/bench_lora_model.py [--layers 22] [--rank 16] [--adapters 4] [--workdir DIR]
@@ -95,6 +96,36 @@ def update_difference(base: Path, low: Path, dense: Path) -> tuple[float, str]:
     return worst, where
 
 
+def load_tensor(folder: Path, key: str) -> torch.Tensor:
+    """One tensor of a (sharded) safetensors folder, in float64."""
+    index = folder / "model.safetensors.index.json"
+    name = json.loads(index.read_text())["weight_map"][key] if index.is_file() \
+        else "model.safetensors"
+    with safe_open(str(folder / name), "pt") as f:
+        return f.get_tensor(key).double()
+
+
+def float64_spot_check(workdir: Path, experts: list[Path], key: str,
+                       outs: dict[str, Path]) -> dict[str, float]:
+    """ACE's dense rule in float64 on the adapters' exact task vectors of ``key``; each
+    output's distance to it, relative to its largest entry."""
+    from acemerge.methods import get
+
+    module = PEFT_PREFIX + key.removesuffix(".weight")
+    task_vectors = []
+    for folder in experts:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            a = f.get_tensor(f"{module}.lora_A.weight").double()
+            b = f.get_tensor(f"{module}.lora_B.weight").double()
+        task_vectors.append(config["lora_alpha"] / config["r"] * b @ a)
+    ace = get("ace")
+    reference = ace.matrix_rule(task_vectors, ace.validate({}))
+    base = load_tensor(workdir / "base", key)
+    return {kind: float((load_tensor(out, key) - base - reference).abs().max()
+                        / reference.abs().max()) for kind, out in outs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=22, help="22 = TinyLlama-1.1B shape")
@@ -131,6 +162,9 @@ def main() -> None:
           f"{dense_peak / low_peak:.2f}x")
     print(f"largest difference of the merged updates (relative to the update): {worst:.1e} "
           f"({where})")
+    spot = float64_spot_check(args.workdir, experts, where, outs)
+    print(f"that tensor against ACE in float64 on the exact task vectors: "
+          f"low-rank {spot['low']:.1e}, dense {spot['dense']:.1e}")
     if args.float64_reference:
         reference = args.workdir / "merged-dense64"
         run_child([*common, "--out", str(reference), "--no-low-rank", "--compute-dtype",
