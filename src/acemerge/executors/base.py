@@ -52,6 +52,19 @@ class Executor(ABC):
         self.close()
 
 
+#: Small consecutive parameters are batched into units of about this many values.
+BATCH_NUMEL = 1 << 20
+
+
+def units_for(entries: Sequence[PlanEntry], workers: int, batch_numel: int = BATCH_NUMEL
+              ) -> list[list[PlanEntry]]:
+    """The units of work for ``workers``: a large parameter alone, small consecutive ones
+    batched up to ``batch_numel`` values, smaller batches where that leaves fewer than about
+    four units per worker."""
+    total = sum(entry.numel for entry in entries)
+    return work_units(entries, min(batch_numel, max(1, total // (4 * workers))))
+
+
 def work_units(entries: Sequence[PlanEntry], batch_numel: int) -> list[list[PlanEntry]]:
     """Consecutive entries grouped, in order, into units of at least ``batch_numel`` values
     (a parameter that large is a unit of its own; the last unit may be smaller)."""

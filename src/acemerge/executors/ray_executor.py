@@ -29,7 +29,13 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from acemerge.errors import AceMergeError
-from acemerge.executors.base import Done, Executor, submitted_in_order, work_units
+from acemerge.executors.base import (
+    BATCH_NUMEL,
+    Done,
+    Executor,
+    submitted_in_order,
+    units_for,
+)
 from acemerge.inputs import InputSource
 from acemerge.io.readers import one_line
 from acemerge.methods.registry import PassMap, PassReduce
@@ -45,8 +51,6 @@ from acemerge.work import (
 
 #: Retries of a task whose worker process died (Ray's max_retries).
 MAX_RETRIES = 3
-#: Small consecutive parameters are batched into units of about this many values.
-BATCH_NUMEL = 1 << 20
 #: Seconds to wait for the cluster to reserve the workers' slots.
 RESERVE_TIMEOUT_S = 120.0
 
@@ -175,8 +179,9 @@ class RayExecutor(Executor):
         for kind in ("CPU", "GPU") if self.gpu else ("CPU",):
             have = int(total.get(kind, 0))
             if have < self.workers:
-                raise AceMergeError(f"the Ray cluster has {have} {kind}(s), --workers "
-                                    f"{self.workers} needs {self.workers}")
+                each = "one GPU per worker (--device cuda)" if kind == "GPU" else "one CPU each"
+                raise AceMergeError(f"the Ray cluster has {have} {kind}(s); {self.workers} "
+                                    f"worker(s) need {each}")
 
     def _options(self) -> dict[str, Any]:
         return {"num_cpus": 1, "num_gpus": 1 if self.gpu else 0,
@@ -195,11 +200,6 @@ class RayExecutor(Executor):
         return ray.put(RemoteJob(self._token, source, settings, torch.get_num_threads(),
                                  self._statistics))
 
-    def _units(self, entries: Sequence[PlanEntry]) -> list[list[PlanEntry]]:
-        """Units of a large parameter, or of small ones batched; at least ~4 per worker."""
-        total = sum(entry.numel for entry in entries)
-        return work_units(entries, min(self.batch_numel, max(1, total // (4 * self.workers))))
-
     # -- the executor contract
 
     def merge(self, inputs: MergeInputs, settings: MergeSettings,
@@ -207,7 +207,8 @@ class RayExecutor(Executor):
         self._start()
         job = self._job(inputs, settings)
         task = _merge_task.options(**self._options())
-        handles = submitted_in_order(self._units(entries), lambda unit: task.remote(job, unit),
+        units = units_for(entries, self.workers, self.batch_numel)
+        handles = submitted_in_order(units, lambda unit: task.remote(job, unit),
                                      self.max_in_flight, ray.cancel)
         with closing(handles):
             for handle in handles:
@@ -220,7 +221,7 @@ class RayExecutor(Executor):
             return None
         self._start()
         job = self._job(inputs, settings)
-        units = iter(self._units(entries))
+        units = iter(units_for(entries, self.workers, self.batch_numel))
         pending: dict[Any, list[PlanEntry]] = {}
         result: Any = _NOTHING
         try:
