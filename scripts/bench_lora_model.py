@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_lora_time import adapters  # noqa: E402
 from bench_stream import llama_config, tensor_specs, write_model  # noqa: E402
 
+from acemerge.io.readers import open_checkpoint  # noqa: E402
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 
@@ -76,33 +78,17 @@ def run_child(args: list[str]) -> tuple[float, float]:
 def update_difference(base: Path, low: Path, dense: Path) -> tuple[float, str]:
     """max over tensors of max|low - dense| / max|dense - base| (0 where both are 0)."""
     worst, where = 0.0, ""
-    files = sorted(p.name for p in low.glob("*.safetensors"))
-    base_names = {}
-    for path in base.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            base_names.update({k: path for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
-    for name in files:
-        with safe_open(str(low / name), "pt") as fl, safe_open(str(dense / name), "pt") as fd:
-            for key in fl.keys():  # noqa: SIM118
-                with safe_open(str(base_names[key]), "pt") as fb:
-                    ref = fb.get_tensor(key).double()
-                update = fd.get_tensor(key).double() - ref
-                scale = float(update.abs().max())
-                if scale == 0.0:
-                    continue
-                diff = float((fl.get_tensor(key).double() - ref - update).abs().max()) / scale
-                if diff > worst:
-                    worst, where = diff, key
+    readers = [open_checkpoint(str(folder)) for folder in (base, low, dense)]
+    for key in readers[1].specs():
+        ref, low_w, dense_w = (r.get(key).double() for r in readers)
+        update = dense_w - ref
+        scale = float(update.abs().max())
+        if scale == 0.0:
+            continue
+        diff = float((low_w - ref - update).abs().max()) / scale
+        if diff > worst:
+            worst, where = diff, key
     return worst, where
-
-
-def load_tensor(folder: Path, key: str) -> torch.Tensor:
-    """One tensor of a (sharded) safetensors folder, in float64."""
-    index = folder / "model.safetensors.index.json"
-    name = json.loads(index.read_text())["weight_map"][key] if index.is_file() \
-        else "model.safetensors"
-    with safe_open(str(folder / name), "pt") as f:
-        return f.get_tensor(key).double()
 
 
 def float64_spot_check(workdir: Path, experts: list[Path], key: str,
@@ -121,9 +107,9 @@ def float64_spot_check(workdir: Path, experts: list[Path], key: str,
         task_vectors.append(config["lora_alpha"] / config["r"] * b @ a)
     ace = get("ace")
     reference = ace.matrix_rule(task_vectors, ace.validate({}))
-    base = load_tensor(workdir / "base", key)
-    return {kind: float((load_tensor(out, key) - base - reference).abs().max()
-                        / reference.abs().max()) for kind, out in outs.items()}
+    base = open_checkpoint(str(workdir / "base")).get(key).double()
+    return {kind: float((open_checkpoint(str(out)).get(key).double() - base - reference)
+                        .abs().max() / reference.abs().max()) for kind, out in outs.items()}
 
 
 def main() -> None:
