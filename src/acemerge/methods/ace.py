@@ -325,7 +325,7 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     eps_sum = 0.0
     # the residual's sum_t D_t Sigma~_t is rebuilt from the numerator (see below):
     ridge_terms = torch.zeros_like(numerator) if refine else None  # sum_t eps_t C_t
-    mean_terms = torch.zeros(d_in, dtype=dtype, device=device)  # sum_t mu_t^T Sigma~_t
+    mean_terms = torch.zeros(d_in, dtype=dtype, device=device) if refine else None
     task_sum = torch.zeros_like(numerator) if refine else None  # sum_t D_t
 
     for tv in task_vectors:  # in-place accumulation: no d_in x d_in temporaries
