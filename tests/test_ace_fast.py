@@ -1,15 +1,19 @@
 """ACE's faster algebra equals the direct evaluation: top-k triplets from the Gram
 eigendecomposition (acemerge.methods.spectral, also used by TSV-M and CART), Cholesky +
-Sherman-Morrison for the prior system and the cheaper product order (the residual's
-rank-one identity is covered by tests/test_ace.py's independent reference)."""
+Sherman-Morrison for the prior system, Gram matrices from their upper block triangle and
+a blocked Cholesky factor (acemerge.methods.symmetric), the row-Gram order for wide
+matrices (the residual's rank-one identity is covered by tests/test_ace.py's independent
+reference)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from acemerge.methods import spectral
-from acemerge.methods.ace import solve_prior_system, times_proxy, top_singular_part
+from acemerge.methods import get, spectral, symmetric
+from acemerge.methods.ace import AceParams, solve_prior_system, task_ridge, top_singular_part
+from tests.ace_reference import ace_reference
+from tests.test_ace import HETEROGENEOUS_SCALES, HOMOGENEOUS_SCALES, task_vectors
 
 SHAPES = {"tall": (120, 48), "wide": (48, 120), "square": (80, 80)}
 
@@ -77,11 +81,63 @@ def test_prior_system_declines_an_indefinite_matrix():
     assert solve_prior_system(torch.ones(2, 3, dtype=torch.float64), indefinite, None) is None
 
 
-@pytest.mark.parametrize("shape", [(10, 40), (40, 10), (20, 40)])
-def test_times_proxy_orders_agree(shape):
-    c = torch.randn(*shape, dtype=torch.float64)
-    assert torch.allclose(times_proxy(c, c.T @ c), c @ (c.T @ c), rtol=1e-12, atol=1e-12)
+#: Shapes with several column blocks (MIN_BLOCK 128): 2, 8 uneven; the last two take
+#: the row-Gram order (2 d_out < d_in) and keep 3 d_out >= d_in (a well-posed system).
+BLOCKED = {"two blocks": (300, 260), "eight blocks": (400, 1030), "wide": (120, 300)}
 
+
+@pytest.mark.parametrize("shape", BLOCKED.values(), ids=BLOCKED.keys())
+def test_block_triangle_gram_equals_the_product(shape):
+    gen = torch.Generator().manual_seed(0)
+    matrices = [torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    assert len(symmetric.block_edges(shape[1], matrices[0].device)) > 2  # really blocked
+    single = symmetric.gram(matrices[0])
+    assert torch.allclose(single, matrices[0].T @ matrices[0], rtol=1e-12, atol=1e-10)
+    total = torch.zeros(shape[1], shape[1], dtype=torch.float64)
+    for alpha, m in zip((0.5, 2.0, -1.0), matrices, strict=True):
+        symmetric.add_gram_upper_(total, m, alpha=alpha)
+    expected = sum(a * m.T @ m for a, m in zip((0.5, 2.0, -1.0), matrices, strict=True))
+    assert torch.allclose(symmetric.mirror_upper_(total), expected, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [300, 520, 64])
+def test_blocked_cholesky_equals_lapack(size):
+    x = torch.randn(2 * size, size, dtype=torch.float64)
+    spd = x.T @ x / size + 0.1 * torch.eye(size, dtype=torch.float64)
+    garbled = spd.tril() + 7.0 * torch.ones_like(spd).triu(1)  # only the lower part is read
+    factor = symmetric.cholesky_lower(garbled)
+    assert torch.allclose(factor, torch.linalg.cholesky(spd), rtol=1e-10, atol=1e-12)
+    assert torch.equal(factor, factor.tril())
+
+
+def test_blocked_cholesky_declines_an_indefinite_matrix():
+    x = torch.randn(600, 300, dtype=torch.float64)
+    spd = x.T @ x
+    spd[290, 290] = -1.0  # a negative pivot in the last block
+    assert symmetric.cholesky_lower(spd) is None
+
+
+@pytest.mark.parametrize("shape", BLOCKED.values(), ids=BLOCKED.keys())
+@pytest.mark.parametrize("scales", [HOMOGENEOUS_SCALES, HETEROGENEOUS_SCALES],
+                         ids=["homogeneous", "heterogeneous"])
+def test_ace_on_blocked_shapes_matches_the_reference(shape, scales):
+    tvs = task_vectors(shape, scales)
+    expected = torch.from_numpy(ace_reference([t.numpy() for t in tvs]))
+    merged = get("ace")(tvs)
+    assert float((merged - expected).abs().max() / expected.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("params", [{"eps": "auto", "auto_rule": rule} for rule in
+                                    ("ledoit_wolf", "oas", "mp_edge")]
+                         + [{"eps": 0.1, "eps_mode": "relative"}, {"eps": 0.1}],
+                         ids=["ledoit_wolf", "oas", "mp_edge", "relative", "absolute"])
+def test_ridge_is_the_same_from_the_row_gram(params):
+    centered = torch.randn(20, 70, dtype=torch.float64)
+    centered -= centered.mean(dim=0)
+    ace = AceParams(**params)
+    by_columns = task_ridge(centered, centered.T @ centered, ace)
+    assert task_ridge(centered, centered @ centered.T, ace) == pytest.approx(by_columns,
+                                                                              rel=1e-12)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())

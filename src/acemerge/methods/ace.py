@@ -33,6 +33,12 @@ from acemerge.methods.registry import (
 )
 from acemerge.methods.shrinkage import auto_ridge_ratio
 from acemerge.methods.spectral import top_svd
+from acemerge.methods.symmetric import (
+    add_gram_upper_,
+    cholesky_lower,
+    gram,
+    mirror_upper_,
+)
 
 Tensor = torch.Tensor
 
@@ -218,8 +224,9 @@ def heterogeneity_of(energies: Tensor, tau: float = 0.3, statistic: str = "gamma
 
 def task_ridge(centered: Tensor, proxy: Tensor, params: AceParams) -> float:
     """The ridge added to task t's raw proxy C_t^T C_t (Eq. 10's eps; Eq. 9 divides it by
-    the trace): eps as given, rho * mean eigenvalue (relative), or eps=auto's estimate."""
-    d_in = proxy.shape[0]
+    the trace): eps as given, rho * mean eigenvalue (relative), or eps=auto's estimate.
+    ``proxy`` may be C^T C or C C^T: only its trace and Frobenius norm are read."""
+    d_in = centered.shape[1]
     mean_eigenvalue = float(torch.trace(proxy)) / d_in
     if params.eps == "auto":
         rho = auto_ridge_ratio(params.auto_rule, centered, proxy)
@@ -251,12 +258,10 @@ def _warn_once(message: str) -> None:
         logging.getLogger("acemerge").warning("ace: %s (said once)", message)
 
 
-def times_proxy(centered: Tensor, proxy: Tensor) -> Tensor:
-    """C (C^T C) given the proxy C^T C: as (C C^T) C where that is cheaper (2 d_out < d_in)."""
-    d_out, d_in = centered.shape
-    if 2 * d_out < d_in:
-        return (centered @ centered.T) @ centered
-    return centered @ proxy
+def row_gram_order(d_out: int, d_in: int) -> bool:
+    """Whether C (C^T C) is cheaper as (C C^T) C (2 d_out < d_in): then the d_in x d_in
+    proxy is never formed per task, only accumulated into the system's sum."""
+    return 2 * d_out < d_in
 
 
 def solve_right(numerator: Tensor, system: Tensor, solver: str) -> Tensor:
@@ -280,8 +285,8 @@ def solve_prior_system(numerator: Tensor, symmetric: Tensor, prior_row: Tensor |
         X = Y - (Y 1) (A^-1 c)^T / (1 + c^T A^-1 1),   Y = numerator A^-1,
     half the factorization work of LU on the non-symmetric system. None when A is not
     numerically positive definite or the rank-one update is singular (callers fall back)."""
-    factor, info = torch.linalg.cholesky_ex(symmetric)
-    if int(info) != 0:
+    factor = cholesky_lower(symmetric)
+    if factor is None:
         return None
     y = torch.cholesky_solve(numerator.T, factor).T  # numerator A^-1 (A symmetric)
     if prior_row is None:
@@ -328,25 +333,34 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
     mean_terms = torch.zeros(d_in, dtype=dtype, device=device) if refine else None
     task_sum = torch.zeros_like(numerator) if refine else None  # sum_t D_t
 
+    by_rows = row_gram_order(d_out, d_in)
     for tv in task_vectors:  # in-place accumulation: no d_in x d_in temporaries
         delta = tv.to(dtype)
         mean_row = delta.mean(dim=0)  # mu_t
         centered = delta - mean_row  # Eq. 5: mean over the d_out axis
-        proxy = centered.T @ centered  # Eq. 6: Sigma^_t
-        ridge = task_ridge(centered, proxy, params)  # eps (paper), or relative / auto
+        # Eq. 6's proxy Sigma^_t = C^T C, or the row Gram C C^T (same trace and Frobenius
+        # norm, all the ridge rules read) where C (C^T C) = (C C^T) C is cheaper
+        small = gram(centered.T) if by_rows else gram(centered)
+        ridge = task_ridge(centered, small, params)  # eps (paper), or relative / auto
         if normalize:
-            trace = float(torch.trace(proxy)) + LOG_FLOOR
+            trace = float(torch.trace(small)) + LOG_FLOOR
             scale, eps_t = 1.0 / trace, ridge / trace  # Eqs. 8, 9
         else:
             scale, eps_t = 1.0, ridge  # Eq. 10
-        sum_reg.add_(proxy, alpha=scale)  # Sigma~_t (Eq. 15); + eps_t I below
-        eps_sum += eps_t
-        numerator.add_(times_proxy(centered, proxy), alpha=scale)  # W~_t Sigma_t,reg =
+        if by_rows:  # Sigma~_t (Eq. 15) into the upper triangle; + eps_t I below
+            add_gram_upper_(sum_reg, centered, alpha=scale)
+            numerator.addmm_(small, centered, alpha=scale)  # W~_t Sigma_t,reg =
+        else:
+            sum_reg.add_(small, alpha=scale)
+            numerator.addmm_(centered, small, alpha=scale)  # W~_t Sigma_t,reg =
         numerator.add_(centered, alpha=eps_t)  # C_t Sigma~_t + eps_t C_t
+        eps_sum += eps_t
         if refine:
             ridge_terms.add_(centered, alpha=eps_t)
             mean_terms.add_((centered @ mean_row) @ centered, alpha=scale)  # (C mu)^T C
             task_sum.add_(delta)
+    if by_rows:
+        mirror_upper_(sum_reg)
     sum_reg.diagonal().add_(eps_sum)  # sum_t Sigma_t,reg
     # Eq. 11: the mean row of sum_t Sigma~_t, i.e. of sum_reg without the ridge's eps_sum I
     prior_row = sum_reg.mean(dim=0) - eps_sum / d_in

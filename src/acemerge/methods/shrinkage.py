@@ -5,7 +5,8 @@ their sample covariance and mu = tr(S) / p its mean eigenvalue. A shrinkage inte
 delta in [0, 1] gives the estimate (1 - delta) S + delta mu I, which is C^T C plus a ridge
 of  rho * tr(C^T C) / p  up to an overall factor, with rho = delta / (1 - delta).
 
-Everything is computed from the Gram G = C^T C (which ACE forms anyway) and the rows' norms:
+Everything is computed from the Gram G = C^T C (which ACE forms anyway) and the rows' norms;
+only tr(G) and ||G||_F^2 are read, which the row Gram C C^T shares, so either serves:
 O(p^2 + n p) extra work, torch only (any device, any float dtype).
 
 - Ledoit & Wolf (2004), "A well-conditioned estimator for large-dimensional covariance
