@@ -29,7 +29,7 @@ command, and writes it to ``--out-md`` when given.
 revision and as a direct evaluation of the paper's equations, interleaved in one process
 (see scripts/ace_side_by_side.py for its options). ``--compare-rev REV`` runs every child
 twice per repeat, alternating the current source with a git worktree of ``REV``, and prints
-the ratio of each pair.
+the ratio of each pair and the largest relative difference between the two merged models.
 """
 
 from __future__ import annotations
@@ -260,9 +260,10 @@ class Row:
 
 
 def run_child(method: str, base: Path, experts: list[Path], out: Path,
-              args: argparse.Namespace, source: Path | None = None) -> dict[str, Any]:
+              args: argparse.Namespace, source: Path | None = None,
+              keep: bool = False) -> dict[str, Any]:
     """One fresh child process (importing acemerge from ``source``, a ``src`` folder, when
-    given); its JSON result, or ``{"error": ...}``."""
+    given); its JSON result, or ``{"error": ...}``. The output is removed unless ``keep``."""
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--method", method,
@@ -280,7 +281,7 @@ def run_child(method: str, base: Path, experts: list[Path], out: Path,
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout:g} s"}
     finally:
-        if out.exists():
+        if out.exists() and not keep:
             shutil.rmtree(out)
     if proc.stderr.strip():
         sys.stderr.write(proc.stderr)
@@ -407,29 +408,50 @@ def revision_source(rev: str, workdir: Path) -> Path:
     return tree / "src"
 
 
+def largest_difference(merged: Path, reference: Path) -> float:
+    """max over tensors of max |merged - reference| / max |reference| (0 for equal ones)."""
+    from safetensors import safe_open
+
+    worst = 0.0
+    for file in sorted(reference.glob("*.safetensors")):
+        with safe_open(file, "pt") as ref, safe_open(merged / file.name, "pt") as new:
+            for name in ref.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                expected, actual = ref.get_tensor(name).double(), new.get_tensor(name).double()
+                scale = float(expected.abs().max())
+                if scale > 0:
+                    worst = max(worst, float((actual - expected).abs().max()) / scale)
+    return worst
+
+
 def compare_revisions(chosen: list[str], base: Path, experts: list[Path], out: Path,
                       args: argparse.Namespace) -> None:
-    """Each method's whole merge now and at ``--compare-rev``, alternating per repeat."""
+    """Each method's whole merge now and at ``--compare-rev``, alternating per repeat, and
+    the largest relative difference between the two outputs."""
     source = revision_source(args.compare_rev, args.workdir)
     print(f"| method | now s (runs) | {args.compare_rev} s (runs) | now / {args.compare_rev} "
-          "(median of pairs, min-max) |")
-    print("|---|---|---|---|")
+          "(median of pairs, min-max) | max rel. diff of outputs |")
+    print("|---|---|---|---|---:|")
+    folders = {"now": out.with_name(f"{out.name}-now"), "rev": out.with_name(f"{out.name}-rev")}
     for name in chosen:
         times: dict[str, list[float]] = {"now": [], "rev": []}
         for r in range(args.repeat):
             order = ("now", "rev") if r % 2 == 0 else ("rev", "now")
             for kind in order:
-                result = run_child(name, base, experts, out, args,
-                                   source if kind == "rev" else None)
+                result = run_child(name, base, experts, folders[kind], args,
+                                   source if kind == "rev" else None, keep=True)
                 if "error" in result:
                     raise SystemExit(f"{name} ({kind}): {result['error']}")
                 times[kind].append(result["seconds"])
                 print(f"  {name} {kind}: {result['seconds']:.2f} s", file=sys.stderr,
                       flush=True)
         ratios = [a / b for a, b in zip(times["now"], times["rev"], strict=True)]
+        difference = largest_difference(folders["now"], folders["rev"])
+        for folder in folders.values():
+            shutil.rmtree(folder)
         print(f"| {name} | {', '.join(f'{t:.1f}' for t in times['now'])} | "
               f"{', '.join(f'{t:.1f}' for t in times['rev'])} | "
-              f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
+              f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
+              f"{difference:.1e} |", flush=True)
 
 
 def main() -> None:

@@ -42,8 +42,8 @@ def test_top_k_refinement_equals_the_full_svd(shape, dtype, tol, which, monkeypa
     r = min(shape)
     rank = {"k=1": 1, "k=0.3r": int(0.3 * r), "k=r": r}[which]
     used = []
-    gram = spectral._top_from_gram
-    monkeypatch.setattr(spectral, "_top_from_gram", lambda *a: used.append(gram(*a)) or used[-1])
+    gram = spectral.gram_svd
+    monkeypatch.setattr(spectral, "gram_svd", lambda *a: used.append(gram(*a)) or used[-1])
     sigma, product = top_singular_part(matrix, rank, dtype)
     ref_sigma, ref_product = direct(matrix, rank)
     assert product.dtype == dtype
@@ -56,7 +56,7 @@ def test_top_k_refinement_equals_the_full_svd(shape, dtype, tol, which, monkeypa
 def test_top_k_falls_back_to_the_svd_where_the_gram_is_inaccurate():
     matrix = decaying((60, 40), torch.float64)
     matrix = matrix @ torch.diag(torch.logspace(0, -6, 40, dtype=torch.float64))
-    assert spectral._top_from_gram(matrix, 40) is None
+    assert spectral.gram_svd(matrix, 40) is None
     sigma, product = top_singular_part(matrix, 40, None)
     ref_sigma, ref_product = direct(matrix, 40)
     assert abs(sigma - ref_sigma) / ref_sigma < 1e-12
@@ -156,3 +156,31 @@ def test_top_svd_triplets_equal_the_full_svd(shape, dtype, tol):
     assert float((top.u.double().T @ top.u.double() - eye).abs().max()) < tol * 10
     signs = torch.sign((top.u.double() * u[:, :k]).sum(dim=0))
     assert float((top.vh.double() * signs.unsqueeze(1) - vh[:k]).abs().max()) < tol * 100
+
+
+@pytest.mark.parametrize("shape", [(120, 48), (300, 260), (50, 50)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_polar_factor_from_the_gram_equals_the_svd(shape, dtype, tol):
+    matrix = decaying(shape, dtype, seed=4)  # S_min = 0.01 S_max: the Gram path serves
+    u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    polar = spectral.polar_factor(matrix)
+    assert polar.dtype == dtype
+    assert float((polar.double() - u @ vh).abs().max()) < tol
+
+
+def test_polar_factor_of_a_singular_matrix_is_orthonormal_from_the_svd():
+    basis = decaying((80, 30), torch.float64)
+    repeated = torch.cat([basis, basis[:, :5]], dim=1)  # shared directions: rank 30 of 35
+    polar = spectral.polar_factor(repeated)
+    eye = torch.eye(35, dtype=torch.float64)
+    assert float((polar.T @ polar - eye).abs().max()) < 1e-10
+
+
+def test_iso_c_takes_the_gram_path_and_keeps_its_result():
+    tvs = [decaying((90, 60), torch.float64, seed=s) for s in range(3)]
+    total = sum(tvs)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    assert spectral.gram_svd(total, 60) is not None
+    merged = get("iso_c")(tvs)
+    assert float((merged - s.mean() * (u @ vh)).abs().max() / s.mean()) < 1e-10

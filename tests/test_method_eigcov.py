@@ -12,6 +12,8 @@ from acemerge.methods.registry import get
 
 METHOD = get("eigcov")
 SHAPES = {"tall": (9, 5), "square": (6, 6), "wide": (3, 10)}
+#: Several column blocks of acemerge.methods.symmetric; the wide one takes the row-Gram order.
+BLOCKED = {"tall": (300, 260), "wide": (120, 300)}
 
 
 def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -79,6 +81,13 @@ def test_one_rank_deficient_task_returns_it(dtype: torch.dtype, tol: float) -> N
 @pytest.mark.parametrize("weighting", ["none", "energy", "gram"])
 def test_matches_numpy_pseudo_inverse(kind: str, weighting: str) -> None:
     tvs = experts(SHAPES[kind])
+    assert close(METHOD(tvs, weighting=weighting), numpy_reference(tvs, weighting), 1e-9)
+
+
+@pytest.mark.parametrize("kind", BLOCKED)
+@pytest.mark.parametrize("weighting", ["none", "gram"])
+def test_blocked_grams_match_numpy(kind: str, weighting: str) -> None:
+    tvs = experts(BLOCKED[kind])
     assert close(METHOD(tvs, weighting=weighting), numpy_reference(tvs, weighting), 1e-9)
 
 

@@ -38,6 +38,7 @@ from acemerge.methods.symmetric import (
     cholesky_lower,
     gram,
     mirror_upper_,
+    row_gram_order,
 )
 
 Tensor = torch.Tensor
@@ -256,12 +257,6 @@ def _warn_once(message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         logging.getLogger("acemerge").warning("ace: %s (said once)", message)
-
-
-def row_gram_order(d_out: int, d_in: int) -> bool:
-    """Whether C (C^T C) is cheaper as (C C^T) C (2 d_out < d_in): then the d_in x d_in
-    proxy is never formed per task, only accumulated into the system's sum."""
-    return 2 * d_out < d_in
 
 
 def solve_right(numerator: Tensor, system: Tensor, solver: str) -> Tensor:

@@ -34,6 +34,7 @@ from acemerge.methods.registry import (
     mean_rule,
     register,
 )
+from acemerge.methods.symmetric import add_gram_upper_, gram, mirror_upper_, row_gram_order
 
 Tensor = torch.Tensor
 
@@ -84,21 +85,29 @@ def psd_pinv_right(numerator: Tensor, system: Tensor, rtol: float | None) -> Ten
 
 
 def accumulate(task_vectors: list[Tensor], weighting: str) -> tuple[Tensor, Tensor]:
-    """sum_t D_t G~_t (d_out, d_in) and sum_t G~_t (d_in, d_in) in the compute dtype."""
+    """sum_t D_t G~_t (d_out, d_in) and sum_t G~_t (d_in, d_in) in the compute dtype; for
+    wide weights from the row Grams D_t D_t^T, with the system's Grams summed on its upper
+    block triangle (acemerge.methods.symmetric)."""
     dtype = compute_dtype_of(task_vectors[0])
     d_out, d_in = task_vectors[0].shape
     device = task_vectors[0].device
     numerator = torch.zeros(d_out, d_in, dtype=dtype, device=device)
     system = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+    by_rows = row_gram_order(d_out, d_in)
     for tv in task_vectors:
         delta = tv.to(dtype)
-        gram = delta.T @ delta  # G_t, uncentered
-        weight = gram_weight(delta, gram, weighting)
+        small = gram(delta.T) if by_rows else gram(delta)  # D D^T, or G_t (uncentered)
+        weight = gram_weight(delta, small, weighting)  # ||D D^T||_F = ||G_t||_F
         if weight == 0.0:
             continue
-        system += weight * gram
-        product = delta @ gram if d_out >= d_in else (delta @ delta.T) @ delta  # cheaper order
-        numerator += weight * product  # D_t G_t
+        if by_rows:
+            add_gram_upper_(system, delta, alpha=weight)
+            numerator.addmm_(small, delta, alpha=weight)  # (D D^T) D = D G_t
+        else:
+            system.add_(small, alpha=weight)
+            numerator.addmm_(delta, small, alpha=weight)
+    if by_rows:
+        mirror_upper_(system)
     return numerator, system
 
 

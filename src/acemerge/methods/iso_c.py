@@ -33,6 +33,7 @@ from pydantic import Field
 
 from acemerge.methods.lowrank import factored_svd
 from acemerge.methods.registry import Factored, Method, MethodParams, compute_dtype_of, register
+from acemerge.methods.spectral import gram_svd
 
 Tensor = torch.Tensor
 
@@ -55,11 +56,21 @@ def numerical_rank(s: Tensor, shape: tuple[int, int], dtype: torch.dtype | None 
     return int((s > cutoff).sum())
 
 
+def full_rank_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD: from the float64 Gram where every singular value is at least
+    GRAM_MIN_RATIO sigma_1 (acemerge.methods.spectral; then all r are above the rank
+    cutoff), else a full SVD in the matrix's dtype."""
+    top = gram_svd(matrix, min(matrix.shape))
+    if top is not None:
+        return top.u, top.s, top.vh
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
 def iso_c_matrix(task_vectors: list[Tensor], params: IsoCParams) -> Tensor:
     """Iso-C for one (d_out, d_in) weight: returns the merged task vector."""
     dtype = compute_dtype_of(task_vectors[0])
     total = torch.stack([tv.to(dtype) for tv in task_vectors]).sum(dim=0)  # task arithmetic
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = full_rank_svd(total)
     if params.flatten_over == "rank":
         keep = numerical_rank(s, tuple(total.shape))
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]

@@ -31,8 +31,8 @@ import torch
 from pydantic import Field
 
 from acemerge.methods.registry import Method, MethodParams, compute_dtype_of, register, sum_of
-from acemerge.methods.spectral import top_svd
-from acemerge.methods.tsv import Factors, polar_factor
+from acemerge.methods.spectral import polar_factor, top_svd
+from acemerge.methods.tsv import Factors
 
 Tensor = torch.Tensor
 

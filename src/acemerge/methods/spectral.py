@@ -1,14 +1,18 @@
-"""Top singular triplets without a full SVD (helper, not a method).
+"""Top singular triplets and polar factors without a full SVD (helper, not a method).
 
 Methods that keep only the top k singular triplets of a matrix (ACE's refinement, TSV-M,
-CART) take them from the eigendecomposition of the smaller Gram matrix (W^T W or W W^T,
-r x r) in float64 on CPU: the Gram costs one product and its eigendecomposition is several
-times cheaper than a full SVD of W. Squaring W squares its condition number: the Gram's
-eigenvalues carry absolute errors of about eps64 sigma_1^2, a relative error of
-eps64 (sigma_1 / sigma_i)^2 / 2 in sigma_i, so the Gram serves only while sigma_k >=
-GRAM_MIN_RATIO sigma_1 (then every kept sigma_i is exact to ~1e-10 and the top-k subspace
-to the same order divided by the gap); otherwise, and on CUDA (no float64 round trip), a
-full SVD runs.
+CART, Iso-CTS; Iso-C with k = r) take them from the eigendecomposition of the smaller Gram
+matrix (W^T W or W W^T, r x r) in float64 on CPU: the Gram costs one product (half of one:
+acemerge.methods.symmetric) and its eigendecomposition is several times cheaper than a
+full SVD of W. The polar factor P Q^T of X = P S Q^T (TSV-M's and Iso-CTS's
+orthogonalization) is X V S^-1 V^T from the same Gram, X^T X = V S^2 V^T.
+
+Squaring W squares its condition number: the Gram's eigenvalues carry absolute errors of
+about eps64 sigma_1^2, a relative error of eps64 (sigma_1 / sigma_i)^2 / 2 in sigma_i, so
+the Gram serves only while sigma_k >= GRAM_MIN_RATIO sigma_1 (then every kept sigma_i is
+exact to ~1e-10 and the top-k subspace to the same order divided by the gap); otherwise,
+and on CUDA (no float64 round trip), a full SVD runs (the polar factor: where S_min >=
+GRAM_MIN_RATIO S_max; its error is then about eps64 (S_max / S_min)^2 <= 1e-10).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from acemerge.methods.symmetric import gram
 
 Tensor = torch.Tensor
 
@@ -49,19 +55,21 @@ def full_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def top_svd(matrix: Tensor, k: int) -> TopSvd:
     """The top ``k`` singular triplets of ``matrix`` in its dtype (see the module doc)."""
-    if matrix.device.type == "cpu" and 0 < k <= min(matrix.shape):
-        top = _top_from_gram(matrix, k)
-        if top is not None:
-            return top
+    top = gram_svd(matrix, k)
+    if top is not None:
+        return top
     u, s, vh = full_svd(matrix)
     return TopSvd(u[:, :k], s[:k], vh[:k], s)
 
 
-def _top_from_gram(matrix: Tensor, k: int) -> TopSvd | None:
-    """:func:`top_svd` through the float64 Gram matrix; None where it is not accurate."""
+def gram_svd(matrix: Tensor, k: int) -> TopSvd | None:
+    """:func:`top_svd` through the float64 Gram matrix on CPU; None on other devices, for
+    k outside 1..r, and where it is not accurate (sigma_k < GRAM_MIN_RATIO sigma_1)."""
+    if matrix.device.type != "cpu" or not 0 < k <= min(matrix.shape):
+        return None
     wide = matrix.shape[0] < matrix.shape[1]
     w = matrix.double()
-    values, vectors = torch.linalg.eigh(w @ w.T if wide else w.T @ w)  # ascending
+    values, vectors = torch.linalg.eigh(gram(w.T) if wide else gram(w))  # ascending
     spectrum = values.flip(0).clamp_min(0).sqrt()
     if float(spectrum[0]) == 0.0 or float(spectrum[k - 1]) < GRAM_MIN_RATIO * float(spectrum[0]):
         return None
@@ -72,3 +80,15 @@ def _top_from_gram(matrix: Tensor, k: int) -> TopSvd | None:
         u, vh = (w @ basis) / s, basis.T
     dtype = matrix.dtype
     return TopSvd(u.to(dtype), s.to(dtype), vh.to(dtype), spectrum.to(dtype))
+
+
+def polar_factor(matrix: Tensor) -> Tensor:
+    """The orthonormal polar factor P Q^T of matrix = P S Q^T (columns <= rows): from the
+    float64 Gram on CPU where S_min >= GRAM_MIN_RATIO S_max, else from an SVD."""
+    if matrix.device.type == "cpu" and 0 < matrix.shape[1] <= matrix.shape[0]:
+        w = matrix.double()
+        values, vectors = torch.linalg.eigh(gram(w))  # S^2, V (ascending)
+        if float(values[0]) >= GRAM_MIN_RATIO**2 * float(values[-1]) > 0.0:
+            return ((w @ (vectors / values.sqrt())) @ vectors.T).to(matrix.dtype)
+    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
+    return p @ qh

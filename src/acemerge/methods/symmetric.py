@@ -55,6 +55,13 @@ def mirror_upper_(accumulator: Tensor) -> Tensor:
     return accumulator
 
 
+def row_gram_order(d_out: int, d_in: int) -> bool:
+    """Whether D (D^T D) is cheaper as (D D^T) D (2 d_out < d_in): then the d_in x d_in
+    Gram is never formed per task, only accumulated into a sum with
+    :func:`add_gram_upper_` (ACE, EigCov)."""
+    return 2 * d_out < d_in
+
+
 def gram(matrix: Tensor) -> Tensor:
     """M^T M (columns x columns) from the upper block triangle."""
     columns = matrix.shape[1]

@@ -42,7 +42,7 @@ from pydantic import Field
 
 from acemerge.methods.lowrank import factored_svd, numerical_rank
 from acemerge.methods.registry import Factored, Method, MethodParams, compute_dtype_of, register
-from acemerge.methods.spectral import TopSvd, top_svd
+from acemerge.methods.spectral import TopSvd, polar_factor, top_svd
 
 Tensor = torch.Tensor
 
@@ -68,12 +68,6 @@ class Factors(NamedTuple):
     def matrix(self) -> Tensor:
         """u diag(s) v^T."""
         return (self.u * self.s) @ self.v.T
-
-
-def polar_factor(matrix: Tensor) -> Tensor:
-    """The orthonormal polar factor P Q^T of matrix = P S Q^T (columns <= rows)."""
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
 
 
 def per_task_rank(rank: int, num_tasks: int) -> int:
