@@ -16,8 +16,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from acemerge.cli import main
+from acemerge.config import config_from_mapping
 from acemerge.engine import merge_stream
-from acemerge.executors import factory
+from acemerge.executors import local
 from acemerge.executors.base import submitted_in_order, work_units
 from acemerge.executors.local import LocalExecutor
 from acemerge.io.readers import StateDictCheckpoint
@@ -42,16 +43,46 @@ def cli_merge(args: list[str], out) -> int:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_overlap_gives_the_serial_engines_bytes(case, models, tmp_path, monkeypatch):
+def test_overlap_gives_the_serial_engines_bytes(case, models, tmp_path):
     args = case_args(models)[case]
-    assert cli_merge(args, tmp_path / "overlapped") == 0
-    monkeypatch.setattr(factory, "LocalExecutor", lambda: LocalExecutor(overlap=False))
-    assert cli_merge(args, tmp_path / "serial") == 0
+    assert cli_merge([*args, "--overlap", "on"], tmp_path / "overlapped") == 0
+    assert cli_merge([*args, "--overlap", "off"], tmp_path / "serial") == 0
     overlapped, serial = folder_bytes(tmp_path / "overlapped"), folder_bytes(tmp_path / "serial")
     assert overlapped.keys() == serial.keys()
     assert any(name.endswith(".safetensors") for name in serial)
     for name in serial:
         assert overlapped[name] == serial[name], name
+
+
+def test_auto_overlap_needs_a_free_core_or_cuda():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(local.available_cores())
+        assert not LocalExecutor().overlaps(torch.device("cpu"))
+        assert LocalExecutor().overlaps(torch.device("cuda"))
+        if local.available_cores() > 1:
+            torch.set_num_threads(local.available_cores() - 1)
+            assert LocalExecutor().overlaps(torch.device("cpu"))
+        assert LocalExecutor(overlap=True).overlaps(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("off", "off"), ("on", "on"), ("auto", "auto"),
+                                              ("false", "off")])
+def test_overlap_reads_from_yaml(text, expected, tmp_path):
+    data = yaml.safe_load(f"base_model: {tmp_path}\nmodels: [{{model: a}}, {{model: b}}]\n"
+                          f"overlap: {text}\n")
+    cfg = config_from_mapping(data, tmp_path / "merge.yaml")
+    assert cfg.overlap == expected
+    assert "\noverlap:" not in cfg.to_yaml()  # how a merge runs, not what it computes
+
+
+def test_overlap_is_an_option_of_the_local_executor_only(models, tmp_path, capsys):
+    args = case_args(models)["gpt2-ace-conv1d"]
+    assert cli_merge([*args, "--executor", "ray", "--overlap", "off"], tmp_path / "o") == 2
+    assert "overlap applies only to executor 'local'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_reader_thread_error_is_one_line_and_leaves_nothing(models, tmp_path, capsys):

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--executor", choices=["local", "ray"],
                    help="where the work runs: local (default: this process, reading, merging "
                    "and writing overlapped) or ray (tasks on a Ray cluster; same output)")
+    m.add_argument("--overlap", choices=["auto", "on", "off"],
+                   help="--executor local: overlap reading, merging and writing (default auto: "
+                   "when torch's threads leave a CPU core free, or on CUDA)")
     m.add_argument("--ray-address", metavar="ADDR",
                    help="--executor ray: the cluster to join (default: start a local Ray)")
     m.add_argument("--workers", type=int, metavar="N",
@@ -180,20 +183,23 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.out_format != "full" or args.out_rank is not None:
         updates["out_format"] = args.out_format
         updates["out_rank"] = parse_rank(args.out_rank)
-    if {"out_format", "executor", *RAY_FIELDS} & set(updates):
+    if {"out_format", "executor", "overlap", *RAY_FIELDS} & set(updates):
         return build_config(**{**cfg.model_dump(), **updates})  # revalidated as a whole
     return cfg.model_copy(update=updates) if updates else cfg
 
 
 def _executor_updates(args: argparse.Namespace) -> dict[str, Any]:
-    """--executor and the Ray options, as config fields (those given)."""
+    """--executor, --overlap and the Ray options, as config fields (those given)."""
     from acemerge.config import RAY_FIELDS
 
-    given = {"executor": args.executor, "ray_address": args.ray_address,
-             "workers": args.workers, "max_in_flight": args.max_in_flight}
+    given = {"executor": args.executor, "overlap": args.overlap,
+             "ray_address": args.ray_address, "workers": args.workers,
+             "max_in_flight": args.max_in_flight}
     updates = {key: value for key, value in given.items() if value is not None}
     if args.executor == "local":  # a config file's Ray options no longer apply
         updates = {**dict.fromkeys(RAY_FIELDS), **updates}
+    if args.executor == "ray":  # nor a config file's overlap
+        updates.setdefault("overlap", "auto")
     return updates
 
 

@@ -55,7 +55,7 @@ def absolute_path(text: str) -> str:
 
 #: Fields of the Ray executor, and every field that only says how a merge runs.
 RAY_FIELDS = ("ray_address", "workers", "max_in_flight")
-EXECUTION_FIELDS = ("executor", *RAY_FIELDS)
+EXECUTION_FIELDS = ("executor", "overlap", *RAY_FIELDS)
 
 
 class ModelEntry(BaseModel):
@@ -98,12 +98,21 @@ class MergeConfig(BaseModel):
     #: writing overlapped) or a Ray cluster (``ray``). How a merge runs, not what it
     #: computes: the output is the same, and these fields are left out of the saved YAML.
     executor: Literal["local", "ray"] = "local"
+    #: ``local``: overlap reading, merging and writing (on, off, or auto: where a CPU core
+    #: is left free by torch's threads, or on CUDA).
+    overlap: Literal["auto", "on", "off"] = "auto"
     #: ``ray``: the cluster to join (None: start a local Ray).
     ray_address: str | None = None
     #: ``ray``: concurrent worker tasks (None: every CPU, or GPU with device cuda).
     workers: int | None = Field(default=None, ge=1)
     #: ``ray``: work units submitted and not yet written (None: twice the workers).
     max_in_flight: int | None = Field(default=None, ge=1)
+
+    @field_validator("overlap", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: object) -> object:
+        """YAML reads on/off as booleans."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _ray_options(self) -> MergeConfig:
@@ -113,6 +122,8 @@ class MergeConfig(BaseModel):
             if given:
                 raise AceMergeError(f"{given[0]} applies only to executor 'ray' "
                                     f"(--executor ray)")
+        elif self.overlap != "auto":
+            raise AceMergeError("overlap applies only to executor 'local'")
         return self
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ RAY_INSTALL = "pip install 'acemerge[ray]'"
 def make_executor(cfg: MergeConfig, statistics: StatisticsProvider | None = None) -> Executor:
     """The executor a config asks for; ``statistics``: those given in memory, if any."""
     if cfg.executor == "local":
-        return LocalExecutor()
+        return LocalExecutor(overlap={"auto": None, "on": True, "off": False}[cfg.overlap])
     try:
         from acemerge.executors.ray_executor import RayExecutor
     except ImportError as exc:
