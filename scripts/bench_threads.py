@@ -1,5 +1,5 @@
-"""ACE on a shared CPU: torch's default threads against one thread and OMP_WAIT_POLICY=PASSIVE,
-idle and with a second merge running.
+"""ACE on a shared CPU: torch's default threads against one thread, OMP_WAIT_POLICY=PASSIVE and
+acemerge's default (PASSIVE with GOMP_SPINCOUNT=1000), idle and with a second merge running.
 
 The workload is ACE's matrix rule on one GPT-2-small block (the four matrix shapes, 7
 experts, magnitudes as scripts/bench_methods.py), run in a child process per measurement
@@ -26,6 +26,8 @@ SETTINGS = {
     "default": {},
     "1 thread": {"ACEMERGE_BENCH_THREADS": "1"},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "acemerge: PASSIVE, GOMP_SPINCOUNT=1000": {"OMP_WAIT_POLICY": "PASSIVE",
+                                               "GOMP_SPINCOUNT": "1000"},
 }
 
 
@@ -52,7 +54,9 @@ def child(repeat: int) -> None:
 
 
 def launch(setting: str, repeat: int) -> subprocess.Popen:
-    env = {**os.environ, **SETTINGS[setting]}
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # the setting decides
+    env = {**inherited, **SETTINGS[setting]}
     return subprocess.Popen([sys.executable, __file__, "--child", str(repeat)], env=env,
                             stdout=subprocess.PIPE, text=True)
 

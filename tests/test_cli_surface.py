@@ -144,17 +144,20 @@ def test_methods_say_whether_lora_experts_stay_factored(capsys):
     assert "materialized one parameter at a time" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_waits_passively_unless_told_otherwise(preset, expected):
-    """acemerge sets OMP_WAIT_POLICY before torch loads OpenMP; an explicit value wins."""
+@pytest.mark.parametrize("preset,expected", [(None, ["PASSIVE", "1000"]),
+                                             ("ACTIVE", ["ACTIVE", "unset"])])
+def test_openmp_waits_briefly_unless_told_otherwise(preset, expected):
+    """acemerge sets OMP_WAIT_POLICY and GOMP_SPINCOUNT before torch loads OpenMP; an
+    explicit wait policy wins, and then the spin count is left alone."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if preset:
         env["OMP_WAIT_POLICY"] = preset
-    code = "import acemerge, os, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    code = ("import acemerge, os, sys; print(os.environ['OMP_WAIT_POLICY'], "
+            "os.environ.get('GOMP_SPINCOUNT', 'unset'), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == [expected, "True"]
+    assert out == [*expected, "True"]

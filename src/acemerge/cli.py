@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"acemerge {__version__}")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: torch's, one per core; acemerge "
-                        "sets OMP_WAIT_POLICY=PASSIVE so they yield on a shared machine)")
+                        "sets OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=1000 so they yield "
+                        "on a shared machine)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge fine-tuned experts into their base model",
