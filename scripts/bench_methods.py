@@ -502,6 +502,11 @@ def main() -> None:
             row.notes.append(f"skipped: needs per-task statistics from data "
                              f"({', '.join(method.needs)})")
             continue
+        if method.max_experts is not None and args.experts > method.max_experts:
+            row.status = "skipped"
+            row.notes.append(f"skipped: takes at most {method.max_experts} expert(s) "
+                             f"besides the base")
+            continue
         row.notes = method_notes(name, hetero, args.experts)
         for r in range(args.repeat):
             print(f"[{i + 1}/{len(chosen)}] {name} run {r + 1}/{args.repeat} ...",

@@ -33,13 +33,7 @@ from acemerge.methods.registry import (
 )
 from acemerge.methods.shrinkage import auto_ridge_ratio
 from acemerge.methods.spectral import top_svd
-from acemerge.methods.symmetric import (
-    add_gram_upper_,
-    cholesky_lower,
-    gram,
-    mirror_upper_,
-    row_gram_order,
-)
+from acemerge.methods.symmetric import GramSums, cholesky_lower
 
 Tensor = torch.Tensor
 
@@ -320,42 +314,34 @@ def ace_matrix(task_vectors: list[Tensor], params: AceParams) -> Tensor:
 
     d_out, d_in = task_vectors[0].shape
     device = task_vectors[0].device
-    sum_reg = torch.zeros(d_in, d_in, dtype=dtype, device=device)  # sum_t Sigma_t,reg
-    numerator = torch.zeros(d_out, d_in, dtype=dtype, device=device)
+    sums = GramSums(d_out, d_in, dtype, device)  # sum_t Sigma~_t and sum_t C_t Sigma~_t
     eps_sum = 0.0
     # the residual's sum_t D_t Sigma~_t is rebuilt from the numerator (see below):
-    ridge_terms = torch.zeros_like(numerator) if refine else None  # sum_t eps_t C_t
+    ridge_terms = torch.zeros_like(sums.numerator) if refine else None  # sum_t eps_t C_t
     mean_terms = torch.zeros(d_in, dtype=dtype, device=device) if refine else None
-    task_sum = torch.zeros_like(numerator) if refine else None  # sum_t D_t
+    task_sum = torch.zeros_like(sums.numerator) if refine else None  # sum_t D_t
 
-    by_rows = row_gram_order(d_out, d_in)
     for tv in task_vectors:  # in-place accumulation: no d_in x d_in temporaries
         delta = tv.to(dtype)
         mean_row = delta.mean(dim=0)  # mu_t
         centered = delta - mean_row  # Eq. 5: mean over the d_out axis
-        # Eq. 6's proxy Sigma^_t = C^T C, or the row Gram C C^T (same trace and Frobenius
-        # norm, all the ridge rules read) where C (C^T C) = (C C^T) C is cheaper
-        small = gram(centered.T) if by_rows else gram(centered)
+        # Eq. 6's proxy Sigma^_t = C^T C, or the row Gram C C^T for wide weights (the same
+        # trace and Frobenius norm, all the ridge rules read)
+        small = sums.small_gram(centered)
         ridge = task_ridge(centered, small, params)  # eps (paper), or relative / auto
         if normalize:
             trace = float(torch.trace(small)) + LOG_FLOOR
             scale, eps_t = 1.0 / trace, ridge / trace  # Eqs. 8, 9
         else:
             scale, eps_t = 1.0, ridge  # Eq. 10
-        if by_rows:  # Sigma~_t (Eq. 15) into the upper triangle; + eps_t I below
-            add_gram_upper_(sum_reg, centered, alpha=scale)
-            numerator.addmm_(small, centered, alpha=scale)  # W~_t Sigma_t,reg =
-        else:
-            sum_reg.add_(small, alpha=scale)
-            numerator.addmm_(centered, small, alpha=scale)  # W~_t Sigma_t,reg =
-        numerator.add_(centered, alpha=eps_t)  # C_t Sigma~_t + eps_t C_t
+        sums.add(centered, small, scale)  # Sigma~_t (Eq. 15; + eps_t I below), C_t Sigma~_t
+        sums.numerator.add_(centered, alpha=eps_t)  # W~_t Sigma_t,reg = C_t Sigma~_t + eps_t C_t
         eps_sum += eps_t
         if refine:
             ridge_terms.add_(centered, alpha=eps_t)
             mean_terms.add_((centered @ mean_row) @ centered, alpha=scale)  # (C mu)^T C
             task_sum.add_(delta)
-    if by_rows:
-        mirror_upper_(sum_reg)
+    numerator, sum_reg = sums.finish()
     sum_reg.diagonal().add_(eps_sum)  # sum_t Sigma_t,reg
     # Eq. 11: the mean row of sum_t Sigma~_t, i.e. of sum_reg without the ridge's eps_sum I
     prior_row = sum_reg.mean(dim=0) - eps_sum / d_in

@@ -34,7 +34,7 @@ from acemerge.methods.registry import (
     mean_rule,
     register,
 )
-from acemerge.methods.symmetric import add_gram_upper_, gram, mirror_upper_, row_gram_order
+from acemerge.methods.symmetric import GramSums
 
 Tensor = torch.Tensor
 
@@ -85,30 +85,18 @@ def psd_pinv_right(numerator: Tensor, system: Tensor, rtol: float | None) -> Ten
 
 
 def accumulate(task_vectors: list[Tensor], weighting: str) -> tuple[Tensor, Tensor]:
-    """sum_t D_t G~_t (d_out, d_in) and sum_t G~_t (d_in, d_in) in the compute dtype; for
-    wide weights from the row Grams D_t D_t^T, with the system's Grams summed on its upper
-    block triangle (acemerge.methods.symmetric)."""
-    dtype = compute_dtype_of(task_vectors[0])
+    """sum_t D_t G~_t (d_out, d_in) and sum_t G~_t (d_in, d_in) in the compute dtype (for
+    wide weights from the row Grams: acemerge.methods.symmetric.GramSums)."""
     d_out, d_in = task_vectors[0].shape
-    device = task_vectors[0].device
-    numerator = torch.zeros(d_out, d_in, dtype=dtype, device=device)
-    system = torch.zeros(d_in, d_in, dtype=dtype, device=device)
-    by_rows = row_gram_order(d_out, d_in)
+    dtype = compute_dtype_of(task_vectors[0])
+    sums = GramSums(d_out, d_in, dtype, task_vectors[0].device)
     for tv in task_vectors:
         delta = tv.to(dtype)
-        small = gram(delta.T) if by_rows else gram(delta)  # D D^T, or G_t (uncentered)
+        small = sums.small_gram(delta)  # G_t (uncentered), or D D^T
         weight = gram_weight(delta, small, weighting)  # ||D D^T||_F = ||G_t||_F
-        if weight == 0.0:
-            continue
-        if by_rows:
-            add_gram_upper_(system, delta, alpha=weight)
-            numerator.addmm_(small, delta, alpha=weight)  # (D D^T) D = D G_t
-        else:
-            system.add_(small, alpha=weight)
-            numerator.addmm_(delta, small, alpha=weight)
-    if by_rows:
-        mirror_upper_(system)
-    return numerator, system
+        if weight != 0.0:
+            sums.add(delta, small, weight)  # w_t G_t and w_t D_t G_t
+    return sums.finish()
 
 
 def eigcov_matrix(task_vectors: list[Tensor], params: EigCovParams) -> Tensor:

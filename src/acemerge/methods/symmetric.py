@@ -71,6 +71,38 @@ def gram(matrix: Tensor) -> Tensor:
     return mirror_upper_(add_gram_upper_(result, matrix))
 
 
+class GramSums:
+    """sum_t a_t M_t^T M_t (d_in x d_in) and sum_t a_t M_t (M_t^T M_t) (d_out x d_in), the
+    pair ACE and EigCov accumulate over tasks. For wide weights (:func:`row_gram_order`)
+    the product is (M M^T) M and the d_in x d_in Grams go onto the system's upper block
+    triangle only, mirrored once by :meth:`finish`."""
+
+    def __init__(self, d_out: int, d_in: int, dtype: torch.dtype, device: torch.device
+                 ) -> None:
+        self.by_rows = row_gram_order(d_out, d_in)
+        self.system = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self.numerator = torch.zeros(d_out, d_in, dtype=dtype, device=device)
+
+    def small_gram(self, matrix: Tensor) -> Tensor:
+        """M^T M, or the row Gram M M^T for wide weights (same trace and Frobenius norm)."""
+        return gram(matrix.T) if self.by_rows else gram(matrix)
+
+    def add(self, matrix: Tensor, small: Tensor, alpha: float) -> None:
+        """Add alpha M^T M and alpha M (M^T M), given ``small`` from :meth:`small_gram`."""
+        if self.by_rows:
+            add_gram_upper_(self.system, matrix, alpha=alpha)
+            self.numerator.addmm_(small, matrix, alpha=alpha)
+        else:
+            self.system.add_(small, alpha=alpha)
+            self.numerator.addmm_(matrix, small, alpha=alpha)
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """The numerator and the (now symmetric) system."""
+        if self.by_rows:
+            mirror_upper_(self.system)
+        return self.numerator, self.system
+
+
 #: Column block of the blocked Cholesky factorization (the potrf calls are this size).
 CHOLESKY_BLOCK = 256
 
