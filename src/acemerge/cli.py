@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
     m.add_argument("--cuda", action="store_true", help="as --device cuda (mergekit's flag)")
     m.add_argument("--executor", choices=["local", "ray"],
-                   help="where the work runs: local (default: this process, reading, merging "
-                   "and writing overlapped) or ray (tasks on a Ray cluster; same output)")
+                   help="where the work runs: local (default: this process, see --overlap) "
+                   "or ray (tasks on a Ray cluster; same output)")
     m.add_argument("--overlap", choices=["auto", "on", "off"],
                    help="--executor local: overlap reading, merging and writing (default auto: "
                    "when torch's threads leave a CPU core free, or on CUDA)")
@@ -146,7 +146,7 @@ def _positional_merge_args(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """A validated MergeConfig from ``--config`` or from the flags."""
-    from acemerge.config import RAY_FIELDS, build_config
+    from acemerge.config import EXECUTION_FIELDS, build_config
     from acemerge.mergekit_schema import load_any_config as load_config
 
     if args.config:
@@ -184,7 +184,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.out_format != "full" or args.out_rank is not None:
         updates["out_format"] = args.out_format
         updates["out_rank"] = parse_rank(args.out_rank)
-    if {"out_format", "executor", "overlap", *RAY_FIELDS} & set(updates):
+    if {"out_format", *EXECUTION_FIELDS} & set(updates):
         return build_config(**{**cfg.model_dump(), **updates})  # revalidated as a whole
     return cfg.model_copy(update=updates) if updates else cfg
 
