@@ -482,7 +482,8 @@ def main() -> None:
     if args.repeat < 1 or args.layers < 1 or args.experts < 2:
         parser.error("--repeat and --layers must be >= 1, --experts >= 2")
 
-    from acemerge import methods
+    from acemerge import AceMergeError, methods
+    from acemerge.engine import check_expert_count
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     chosen = select_methods(args.methods)
@@ -502,10 +503,11 @@ def main() -> None:
             row.notes.append(f"skipped: needs per-task statistics from data "
                              f"({', '.join(method.needs)})")
             continue
-        if method.max_experts is not None and args.experts > method.max_experts:
+        try:
+            check_expert_count(method, args.experts)
+        except AceMergeError as exc:
             row.status = "skipped"
-            row.notes.append(f"skipped: takes at most {method.max_experts} expert(s) "
-                             f"besides the base")
+            row.notes.append(f"skipped: {exc}")
             continue
         row.notes = method_notes(name, hetero, args.experts)
         for r in range(args.repeat):

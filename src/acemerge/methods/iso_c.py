@@ -33,7 +33,7 @@ from pydantic import Field
 
 from acemerge.methods.lowrank import factored_svd
 from acemerge.methods.registry import Factored, Method, MethodParams, compute_dtype_of, register
-from acemerge.methods.spectral import gram_svd
+from acemerge.methods.spectral import full_rank_svd
 
 Tensor = torch.Tensor
 
@@ -54,16 +54,6 @@ def numerical_rank(s: Tensor, shape: tuple[int, int], dtype: torch.dtype | None 
         return 0
     cutoff = max(shape) * torch.finfo(dtype or s.dtype).eps * s[0]
     return int((s > cutoff).sum())
-
-
-def full_rank_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The thin SVD: from the float64 Gram where every singular value is at least
-    GRAM_MIN_RATIO sigma_1 (acemerge.methods.spectral; then all r are above the rank
-    cutoff), else a full SVD in the matrix's dtype."""
-    top = gram_svd(matrix, min(matrix.shape))
-    if top is not None:
-        return top.u, top.s, top.vh
-    return torch.linalg.svd(matrix, full_matrices=False)
 
 
 def iso_c_matrix(task_vectors: list[Tensor], params: IsoCParams) -> Tensor:

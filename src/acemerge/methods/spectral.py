@@ -82,13 +82,17 @@ def gram_svd(matrix: Tensor, k: int) -> TopSvd | None:
     return TopSvd(u.to(dtype), s.to(dtype), vh.to(dtype), spectrum.to(dtype))
 
 
+def full_rank_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD (all r triplets): from the float64 Gram where every singular value is
+    at least GRAM_MIN_RATIO sigma_1 (then all r are above any rank cutoff), else torch's SVD
+    in the matrix's dtype."""
+    top = gram_svd(matrix, min(matrix.shape))
+    if top is not None:
+        return top.u, top.s, top.vh
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
 def polar_factor(matrix: Tensor) -> Tensor:
-    """The orthonormal polar factor P Q^T of matrix = P S Q^T (columns <= rows): from the
-    float64 Gram on CPU where S_min >= GRAM_MIN_RATIO S_max, else from an SVD."""
-    if matrix.device.type == "cpu" and 0 < matrix.shape[1] <= matrix.shape[0]:
-        w = matrix.double()
-        values, vectors = torch.linalg.eigh(gram(w))  # S^2, V (ascending)
-        if float(values[0]) >= GRAM_MIN_RATIO**2 * float(values[-1]) > 0.0:
-            return ((w @ (vectors / values.sqrt())) @ vectors.T).to(matrix.dtype)
-    p, _, qh = torch.linalg.svd(matrix, full_matrices=False)
-    return p @ qh
+    """The orthonormal polar factor P Q^T of matrix = P S Q^T (from :func:`full_rank_svd`)."""
+    u, _, vh = full_rank_svd(matrix)
+    return u @ vh
